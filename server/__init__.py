@@ -1,0 +1,1 @@
+"""The cacheaside gRPC server."""

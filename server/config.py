@@ -1,0 +1,81 @@
+"""One Settings object, read from CACHEASIDE_* environment variables (see the README's table)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./cacheaside.db"
+DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_FAMILY_TIERS = (
+    "trending=hot,archived=cold,post=warm,user=warm,posts_by_author=warm,comments_by_author=warm"
+)
+
+
+class Tier(StrEnum):
+    """A TTL class; each key family belongs to one."""
+
+    HOT = "hot"
+    WARM = "warm"
+    COLD = "cold"
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. Units are in the names; the README documents each."""
+
+    model_config = SettingsConfigDict(env_prefix="CACHEASIDE_", extra="ignore", frozen=True)
+
+    listen: str = DEFAULT_LISTEN
+    database_url: str = DEFAULT_DATABASE_URL
+    database_schema: str = ""
+    db_timeout_ms: int = Field(default=2000, gt=0)
+    db_pool_size: int = Field(default=10, gt=0)
+    redis_url: str = ""
+    redis_timeout_ms: int = Field(default=100, gt=0)
+    redis_max_connections: int = Field(default=64, gt=0)
+    redis_breaker_failures: int = Field(default=3, gt=0)
+    redis_breaker_cooldown_ms: int = Field(default=1000, gt=0)
+    key_prefix: str = Field(default="cacheaside", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    ttl_hot_s: int = Field(default=60, gt=0)
+    ttl_warm_s: int = Field(default=300, gt=0)
+    ttl_cold_s: int = Field(default=1800, gt=0)
+    ttl_negative_s: int = Field(default=5, ge=0)
+    ttl_jitter_pct: float = Field(default=10.0, ge=0, lt=50)
+    family_tiers: Annotated[dict[str, Tier], NoDecode] = Field(
+        default_factory=lambda: _parse_tiers(DEFAULT_FAMILY_TIERS)
+    )
+    warm_on_start: bool = True
+    warm_interval_s: int = Field(default=0, ge=0)
+    warm_posts: int = Field(default=20, gt=0)
+    warm_users: int = Field(default=50, gt=0)
+    warm_active_within_s: int = Field(default=86400, gt=0)
+    shutdown_grace_s: float = Field(default=5.0, ge=0)
+    log_level: str = "INFO"
+
+    @field_validator("family_tiers", mode="before")
+    @classmethod
+    def _tiers_from_text(cls, value: object) -> object:
+        if isinstance(value, str):
+            return {**_parse_tiers(DEFAULT_FAMILY_TIERS), **_parse_tiers(value)}
+        return value
+
+    def ttl_s(self, tier: Tier) -> int:
+        """The base TTL of a tier, before jitter."""
+        return {Tier.HOT: self.ttl_hot_s, Tier.WARM: self.ttl_warm_s, Tier.COLD: self.ttl_cold_s}[tier]
+
+    def tier_of(self, family: str) -> Tier:
+        """The tier a key family is cached in."""
+        return self.family_tiers[family]
+
+
+def _parse_tiers(text: str) -> dict[str, Tier]:
+    tiers: dict[str, Tier] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, tier = item.partition("=")
+        if not sep:
+            raise ValueError(f"CACHEASIDE_FAMILY_TIERS entry {item!r} must look like family=tier")
+        tiers[name.strip()] = Tier(tier.strip())
+    return tiers

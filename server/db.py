@@ -1,0 +1,82 @@
+"""The SQL database: engine construction, and the translation of its failures into DatabaseUnavailable."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, ProgrammingError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from server.config import Settings
+from server.errors import DatabaseUnavailable
+
+_SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+
+
+def is_sqlite(url: str) -> bool:
+    """Whether the URL names SQLite (the embedded default)."""
+    return make_url(url).get_backend_name() == "sqlite"
+
+
+def create_engine(settings: Settings) -> AsyncEngine:
+    """An async engine for CACHEASIDE_DATABASE_URL, pooled and bounded by the settings."""
+    url = settings.database_url
+    timeout_s = settings.db_timeout_ms / 1000
+    if is_sqlite(url):
+        engine = create_async_engine(url, connect_args={"timeout": timeout_s})
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        return engine
+    connect_args: dict[str, Any] = {"timeout": timeout_s, "command_timeout": timeout_s}
+    if settings.database_schema:
+        connect_args["server_settings"] = {"search_path": _checked_schema(settings.database_schema)}
+    return create_async_engine(
+        url,
+        connect_args=connect_args,
+        pool_size=settings.db_pool_size,
+        max_overflow=0,
+        pool_timeout=timeout_s,
+        pool_pre_ping=True,
+    )
+
+
+def _checked_schema(name: str) -> str:
+    if not _SCHEMA_NAME.match(name):
+        raise ValueError(f"CACHEASIDE_DATABASE_SCHEMA {name!r} must be a plain SQL identifier")
+    return name
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # WAL lets readers run beside a writer; foreign keys are off by default in SQLite.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+@contextlib.contextmanager
+def database_errors() -> Iterator[None]:
+    """Translate a database that cannot answer into DatabaseUnavailable, with what an operator can do."""
+    try:
+        yield
+    except ProgrammingError as exc:
+        raise DatabaseUnavailable(
+            "the database schema is missing or outdated; run `cacheaside db upgrade`",
+            reason="DATABASE_SCHEMA_MISSING",
+        ) from exc
+    except (OperationalError, InterfaceError, PoolTimeout, OSError) as exc:
+        raise DatabaseUnavailable(f"the database is unreachable: {_first_line(exc)}") from exc
+    except DBAPIError as exc:
+        if exc.connection_invalidated:
+            raise DatabaseUnavailable(f"the database connection was lost: {_first_line(exc)}") from exc
+        raise
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc) or type(exc).__name__
+    return text.splitlines()[0][:200]

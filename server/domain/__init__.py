@@ -1,0 +1,1 @@
+"""The users-and-posts domain: tables, queries, key schema, and what invalidates what."""

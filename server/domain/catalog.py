@@ -1,0 +1,52 @@
+"""The key families the service caches: key, tier, TTL, tags and loader of each."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from server.cache import Family
+from server.cache.engine import Loader
+from server.config import Settings
+from server.domain import keys
+from server.domain.queries import Queries
+
+
+@dataclass(frozen=True, slots=True)
+class Catalog:
+    """Every key family, built from the settings' tiers and the loaders."""
+
+    user: Family
+    user_profile: Family
+    user_settings: Family
+    post: Family
+    trending: Family
+    archived: Family
+    posts_by_author: Family
+    comments_by_author: Family
+
+
+def build_catalog(settings: Settings, queries: Queries) -> Catalog:
+    """Families whose tiers come from CACHEASIDE_FAMILY_TIERS."""
+
+    def family(name: str, prefix: str, load: Loader, tags: tuple[str, ...] = ()) -> Family:
+        tier = settings.tier_of(name)
+        return Family(
+            name=prefix.rstrip(":"),
+            tier=tier.value,
+            ttl_s=settings.ttl_s(tier),
+            key=lambda item_id: prefix + item_id,
+            load=load,
+            tags=tags,
+        )
+
+    lists = (keys.POST_LISTS_TAG,)
+    return Catalog(
+        user=family("user", keys.USER, queries.users),
+        user_profile=family("user", keys.USER_PROFILE, queries.profile_fragments),
+        user_settings=family("user", keys.USER_SETTINGS, queries.settings_fragments),
+        post=family("post", keys.POST, queries.posts),
+        trending=family("trending", keys.TRENDING, queries.trending, lists),
+        archived=family("archived", keys.ARCHIVED, queries.archived, lists),
+        posts_by_author=family("posts_by_author", keys.POSTS_BY_AUTHOR, queries.posts_by_author, lists),
+        comments_by_author=family("comments_by_author", keys.COMMENTS_BY_AUTHOR, queries.comments_by_author),
+    )

@@ -1,0 +1,229 @@
+"""RPC handlers: validate, plan the lookups, run the one generic cache-aside path, map errors.
+
+Each read RPC is a plan: which (family, id) lookups it needs and how their cached payloads frame into
+the response bytes. One handler runs every plan, so caching, metadata and errors behave the same for
+all of them. Responses are bytes: cached payloads go to the wire without a decode and re-encode.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf.message import Message
+
+from client.proto.cacheaside.v1 import cache_service_pb2 as pb
+from server import wire
+from server.cache import CacheEngine, CacheUnavailable, Family, LoadTimeout
+from server.domain.catalog import Catalog
+from server.domain.keys import invalidation_targets
+from server.errors import (
+    CacheUnavailableForWrite,
+    DatabaseUnavailable,
+    InvalidArgument,
+    NotFound,
+    ServiceError,
+    to_status,
+)
+from server.validation import check_id, check_ids, check_limit
+from server.warming import Warmer
+
+_LOGGER = logging.getLogger(__name__)
+SERVICE_NAME = "cacheaside.v1.CacheService"
+MAX_INVALIDATE_IDS = 1000
+MAX_WARM_ITEMS = 10_000
+_RESPONSE_FIELD = 1  # the single field of every read response: user(s), post(s) or comments
+
+
+@dataclass(frozen=True, slots=True)
+class ReadPlan:
+    """The lookups one read needs, what to call a missing id, and how payloads become the response."""
+
+    lookups: Sequence[tuple[Family, str]]
+    subject: str
+    build: Callable[[list[bytes]], bytes]
+
+
+Handler = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[bytes]]
+
+
+class CacheService:
+    """The handlers of cacheaside.v1.CacheService over an engine, a catalog and a warmer."""
+
+    def __init__(self, engine: CacheEngine, catalog: Catalog, warmer: Warmer) -> None:
+        self._engine = engine
+        self._catalog = catalog
+        self._warmer = warmer
+
+    def method_handlers(self) -> dict[str, grpc.RpcMethodHandler[Any, bytes]]:
+        """Every RPC of the service, by method name."""
+        reads: dict[str, tuple[type[Message], Callable[[Any], ReadPlan]]] = {
+            "GetUser": (pb.GetUserRequest, self._plan_get_user),
+            "GetPost": (pb.GetPostRequest, self._plan_get_post),
+            "GetTrending": (pb.GetTrendingRequest, self._plan_trending),
+            "GetArchived": (pb.GetArchivedRequest, self._plan_archived),
+            "ListPostsByAuthor": (pb.ListPostsByAuthorRequest, self._plan_posts_by_author),
+            "ListCommentsByAuthor": (pb.ListCommentsByAuthorRequest, self._plan_comments_by_author),
+            "BatchGetUsers": (pb.BatchGetUsersRequest, self._plan_batch_users),
+            "BatchGetPosts": (pb.BatchGetPostsRequest, self._plan_batch_posts),
+        }
+        handlers = {name: _unary(request, self._read(plan)) for name, (request, plan) in reads.items()}
+        handlers["Invalidate"] = _unary(pb.InvalidateRequest, _guarded(self._invalidate))
+        handlers["Warm"] = _unary(pb.WarmRequest, _guarded(self._warm))
+        return handlers
+
+    # The generic cache-aside path -------------------------------------------------------------
+
+    def _read(self, plan_of: Callable[[Any], ReadPlan]) -> Handler:
+        async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+            plan = plan_of(request)
+            fetched = await self._engine.fetch(plan.lookups)
+            payloads = fetched.payloads
+            if None in payloads:
+                missing = [
+                    item_id for (_, item_id), p in zip(plan.lookups, payloads, strict=True) if p is None
+                ]
+                raise NotFound(_not_found_message(plan.subject, missing))
+            await context.send_initial_metadata(
+                (("x-cache", fetched.outcome.value), ("x-cache-tier", plan.lookups[0][0].tier))
+            )
+            return plan.build(payloads)  # type: ignore[arg-type]  # no None left: checked above
+
+        return _guarded(handle)
+
+    # Plans -----------------------------------------------------------------------------------
+
+    def _user_lookups(self, user_id: str, view: int) -> list[tuple[Family, str]]:
+        catalog = self._catalog
+        if view == pb.USER_VIEW_FULL:
+            return [
+                (catalog.user, user_id),
+                (catalog.user_profile, user_id),
+                (catalog.user_settings, user_id),
+            ]
+        if view in (pb.USER_VIEW_UNSPECIFIED, pb.USER_VIEW_BASIC):
+            return [(catalog.user, user_id)]
+        raise InvalidArgument(
+            f"view {view} is not a UserView; use USER_VIEW_BASIC or USER_VIEW_FULL", reason="INVALID_VIEW"
+        )
+
+    def _plan_get_user(self, request: pb.GetUserRequest) -> ReadPlan:
+        lookups = self._user_lookups(check_id("user_id", request.user_id), request.view)
+        # The FULL view's profile and settings are User field records: concatenated, they merge.
+        return ReadPlan(lookups, "user", lambda parts: wire.frame(_RESPONSE_FIELD, b"".join(parts)))
+
+    def _plan_batch_users(self, request: pb.BatchGetUsersRequest) -> ReadPlan:
+        ids = check_ids("user_ids", request.user_ids)
+        per_user = len(self._user_lookups(ids[0], request.view))
+        lookups = [lookup for user_id in ids for lookup in self._user_lookups(user_id, request.view)]
+
+        def build(parts: list[bytes]) -> bytes:
+            users = [b"".join(parts[i : i + per_user]) for i in range(0, len(parts), per_user)]
+            return wire.frame_all(_RESPONSE_FIELD, users)
+
+        return ReadPlan(lookups, "user", build)
+
+    def _plan_get_post(self, request: pb.GetPostRequest) -> ReadPlan:
+        post_id = check_id("post_id", request.post_id)
+        return ReadPlan([(self._catalog.post, post_id)], "post", lambda p: wire.frame(_RESPONSE_FIELD, p[0]))
+
+    def _plan_batch_posts(self, request: pb.BatchGetPostsRequest) -> ReadPlan:
+        ids = check_ids("post_ids", request.post_ids)
+        lookups = [(self._catalog.post, post_id) for post_id in ids]
+        return ReadPlan(lookups, "post", lambda parts: wire.frame_all(_RESPONSE_FIELD, parts))
+
+    def _plan_trending(self, request: pb.GetTrendingRequest) -> ReadPlan:
+        limit = check_limit("limit", request.limit, default=10, maximum=100)
+        return _list_plan(self._catalog.trending, "", "list", limit)
+
+    def _plan_archived(self, request: pb.GetArchivedRequest) -> ReadPlan:
+        limit = check_limit("limit", request.limit, default=20, maximum=100)
+        return _list_plan(self._catalog.archived, "", "list", limit)
+
+    def _plan_posts_by_author(self, request: pb.ListPostsByAuthorRequest) -> ReadPlan:
+        author_id = check_id("author_id", request.author_id)
+        limit = check_limit("limit", request.limit, default=20, maximum=100)
+        return _list_plan(self._catalog.posts_by_author, author_id, "author", limit)
+
+    def _plan_comments_by_author(self, request: pb.ListCommentsByAuthorRequest) -> ReadPlan:
+        author_id = check_id("author_id", request.author_id)
+        limit = check_limit("limit", request.limit, default=20, maximum=100)
+        return _list_plan(self._catalog.comments_by_author, author_id, "author", limit)
+
+    # Admin -----------------------------------------------------------------------------------
+
+    async def _invalidate(self, request: pb.InvalidateRequest, context: Any) -> bytes:
+        user_ids = [check_id(f"user_ids[{i}]", v) for i, v in enumerate(request.user_ids)]
+        post_ids = [check_id(f"post_ids[{i}]", v) for i, v in enumerate(request.post_ids)]
+        if not user_ids and not post_ids:
+            raise InvalidArgument("name at least one of user_ids or post_ids", reason="EMPTY_BATCH")
+        if len(user_ids) + len(post_ids) > MAX_INVALIDATE_IDS:
+            raise InvalidArgument(
+                f"at most {MAX_INVALIDATE_IDS} ids per Invalidate; split the request",
+                reason="BATCH_TOO_LARGE",
+            )
+        keys, tags = invalidation_targets(user_ids=user_ids, post_ids=post_ids)
+        try:
+            deleted = await self._engine.invalidate(keys, tags)
+        except CacheUnavailable as exc:
+            raise CacheUnavailableForWrite(
+                f"redis is unreachable ({exc}), so nothing was invalidated; retry when it is back"
+            ) from exc
+        return pb.InvalidateResponse(keys_invalidated=deleted).SerializeToString()
+
+    async def _warm(self, request: pb.WarmRequest, context: Any) -> bytes:
+        posts = check_limit("popular_posts", request.popular_posts, default=0, maximum=MAX_WARM_ITEMS)
+        users = check_limit("active_users", request.active_users, default=0, maximum=MAX_WARM_ITEMS)
+        within_s = request.active_within.ToTimedelta().total_seconds()
+        if within_s < 0:
+            raise InvalidArgument("active_within must not be negative", reason="INVALID_DURATION")
+        try:
+            result = await self._warmer.warm(
+                posts=posts or None, users=users or None, active_within_s=within_s or None
+            )
+        except CacheUnavailable as exc:
+            raise CacheUnavailableForWrite(
+                f"redis is unreachable ({exc}), so nothing was warmed; retry when it is back"
+            ) from exc
+        return pb.WarmResponse(posts_warmed=result.posts, users_warmed=result.users).SerializeToString()
+
+
+def _list_plan(family: Family, item_id: str, subject: str, limit: int) -> ReadPlan:
+    # Lists are cached at full length; the caller's limit cuts the records on the way out.
+    return ReadPlan([(family, item_id)], subject, lambda parts: wire.take_records(parts[0], limit))
+
+
+def _not_found_message(subject: str, ids: list[str]) -> str:
+    unique = list(dict.fromkeys(ids))
+    if len(unique) == 1:
+        return f"no {subject} has id {unique[0]!r}"
+    return f"no {subject} has any of the ids {', '.join(repr(i) for i in unique)}"
+
+
+def _guarded(handler: Handler) -> Handler:
+    async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        try:
+            return await handler(request, context)
+        except ServiceError as error:
+            failure = error
+        except LoadTimeout as exc:
+            failure = DatabaseUnavailable(
+                f"the database did not answer within {exc.timeout_s * 1000:.0f} ms; retry later",
+                reason="DATABASE_TIMEOUT",
+            )
+        # grpc-stubs predates abort_with_status on grpc.aio contexts; it exists since grpcio 1.38.
+        await context.abort_with_status(to_status(failure))  # type: ignore[attr-defined]
+        raise AssertionError("abort_with_status returned")  # pragma: no cover
+
+    return guarded
+
+
+def _unary(request_type: type[Message], handler: Handler) -> grpc.RpcMethodHandler[Any, bytes]:
+    return grpc.unary_unary_rpc_method_handler(
+        handler,
+        request_deserializer=request_type.FromString,
+        response_serializer=bytes,  # handlers return serialized responses already
+    )

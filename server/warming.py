@@ -1,0 +1,73 @@
+"""Cache warming: the seed's popular posts and recently active users, by RPC, at startup, on an interval."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from server.cache import CacheEngine, CacheUnavailable
+from server.domain.catalog import Catalog
+from server.domain.queries import Queries
+from server.errors import DatabaseUnavailable
+
+_LOGGER = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class WarmResult:
+    """How many posts and users were written to the cache."""
+
+    posts: int
+    users: int
+
+
+class Warmer:
+    """Loads what the seed's queries select and writes it with each family's tier TTL."""
+
+    def __init__(
+        self,
+        engine: CacheEngine,
+        catalog: Catalog,
+        queries: Queries,
+        *,
+        default_posts: int,
+        default_users: int,
+        default_active_within_s: float,
+    ) -> None:
+        self._engine = engine
+        self._catalog = catalog
+        self._queries = queries
+        self._default_posts = default_posts
+        self._default_users = default_users
+        self._default_active_within_s = default_active_within_s
+
+    async def warm(
+        self, *, posts: int | None = None, users: int | None = None, active_within_s: float | None = None
+    ) -> WarmResult:
+        """Warm now; None means the configured default. Raises CacheUnavailable if Redis is down."""
+        within = timedelta(seconds=active_within_s or self._default_active_within_s)
+        started = time.monotonic()
+        popular = await self._queries.popular_posts(posts or self._default_posts)
+        active = await self._queries.active_users(users or self._default_users, datetime.now(UTC) - within)
+        load_ms = int((time.monotonic() - started) * 1000)
+        posts_warmed = await self._engine.put(self._catalog.post, popular, load_ms=load_ms)
+        users_warmed = await self._engine.put(self._catalog.user, active, load_ms=load_ms)
+        return WarmResult(posts_warmed, users_warmed)
+
+    async def warm_logged(self) -> None:
+        """Warm with the defaults, logging instead of raising: for startup and the interval."""
+        try:
+            result = await self.warm()
+        except (CacheUnavailable, DatabaseUnavailable) as exc:
+            _LOGGER.warning("cache warming skipped: %s", exc)
+            return
+        _LOGGER.info("cache warmed: %d posts, %d users", result.posts, result.users)
+
+    async def run_every(self, interval_s: float) -> None:
+        """Warm on an interval until cancelled."""
+        while True:
+            await asyncio.sleep(interval_s)
+            await self.warm_logged()
