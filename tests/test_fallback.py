@@ -1,0 +1,152 @@
+"""Graceful fallback: a Redis fault never fails a read; a database fault is UNAVAILABLE, clearly said."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+import redis.asyncio as aioredis
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from client.proto.cacheaside.v1 import cache_service_pb2 as pb
+from server.cache.breaker import BreakerState
+from server.config import Settings
+from server.embedded_redis import EmbeddedRedis, free_port
+from tests.conftest import Database, Running, start_service, stop_service
+from tests.data import add_post, add_user
+from tests.helpers import call, error_of
+
+BREAKER_FAILURES = 3
+
+
+@pytest.fixture
+async def private_redis() -> AsyncIterator[EmbeddedRedis]:
+    """A redis-server this test may stop, freeze and restart."""
+    with EmbeddedRedis() as redis_server:
+        yield redis_server
+
+
+@pytest.fixture
+async def fragile(settings: Settings, db_engine: AsyncEngine, private_redis: EmbeddedRedis) -> AsyncIterator[Running]:
+    """A service on the private Redis, with a fast breaker probe."""
+    await add_user(db_engine, "alice")
+    for n in range(5):
+        await add_post(db_engine, f"p{n}", "alice", title=f"title {n}")
+    running = await start_service(
+        settings,
+        redis_url=private_redis.url,
+        redis_breaker_failures=BREAKER_FAILURES,
+        redis_breaker_cooldown_ms=50,
+        redis_timeout_ms=100,
+    )
+    yield running
+    await stop_service(running)
+
+
+async def _wait_for_breaker(running: Running, state: BreakerState) -> None:
+    # Bounded wait for the background probe, which runs every 50 ms here.
+    async with asyncio.timeout(10):
+        while running.app.engine.store.breaker_state is not state:
+            await asyncio.sleep(0.02)
+
+
+async def _reads_all_bypass(running: Running, count: int) -> None:
+    for n in range(count):
+        post_id = f"p{n % 5}"
+        response, meta = await call(running.stub.GetPost, pb.GetPostRequest(post_id=post_id))
+        assert response.post.title == f"title {n % 5}"
+        assert meta["x-cache"] == "bypass"
+
+
+async def test_redis_stopped_mid_test_reads_bypass_without_waiting_then_caching_resumes(
+    fragile: Running, private_redis: EmbeddedRedis
+) -> None:
+    _, meta = await call(fragile.stub.GetPost, pb.GetPostRequest(post_id="p0"))
+    assert meta["x-cache"] == "miss"
+    _, meta = await call(fragile.stub.GetPost, pb.GetPostRequest(post_id="p0"))
+    assert meta["x-cache"] == "hit"
+
+    private_redis.stop()
+    stats = fragile.app.engine.store.stats
+    attempts_before = stats.attempts
+    await _reads_all_bypass(fragile, 30)
+    # Only the calls that opened the breaker asked Redis; the rest skipped it without waiting.
+    assert stats.attempts - attempts_before <= BREAKER_FAILURES
+    assert stats.skipped >= 30 - BREAKER_FAILURES
+    assert fragile.app.engine.store.breaker_state is BreakerState.OPEN
+    for rpc, request in (
+        ("GetTrending", pb.GetTrendingRequest()),
+        ("GetUser", pb.GetUserRequest(user_id="alice", view=pb.USER_VIEW_FULL)),
+        ("BatchGetPosts", pb.BatchGetPostsRequest(post_ids=["p1", "p2"])),
+        ("ListPostsByAuthor", pb.ListPostsByAuthorRequest(author_id="alice")),
+    ):
+        _, meta = await call(getattr(fragile.stub, rpc), request)
+        assert meta["x-cache"] == "bypass", rpc
+
+    code, details, reason = await error_of(fragile.stub.Invalidate, pb.InvalidateRequest(post_ids=["p0"]))
+    assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "CACHE_UNAVAILABLE")
+    assert "nothing was invalidated" in details
+
+    private_redis.start()  # same port, empty
+    await _wait_for_breaker(fragile, BreakerState.CLOSED)
+    _, meta = await call(fragile.stub.GetPost, pb.GetPostRequest(post_id="p0"))
+    assert meta["x-cache"] == "miss"
+    _, meta = await call(fragile.stub.GetPost, pb.GetPostRequest(post_id="p0"))
+    assert meta["x-cache"] == "hit"
+
+
+async def test_a_frozen_redis_costs_only_the_breakers_timeouts(
+    fragile: Running, private_redis: EmbeddedRedis
+) -> None:
+    await call(fragile.stub.GetPost, pb.GetPostRequest(post_id="p0"))
+    process = private_redis._process
+    assert process is not None
+    os.kill(process.pid, signal.SIGSTOP)
+    try:
+        stats = fragile.app.engine.store.stats
+        failures_before = stats.failures
+        await _reads_all_bypass(fragile, 20)
+        assert stats.failures - failures_before <= BREAKER_FAILURES, "each call must not wait for a timeout"
+    finally:
+        os.kill(process.pid, signal.SIGCONT)
+    await _wait_for_breaker(fragile, BreakerState.CLOSED)
+    _, meta = await call(fragile.stub.GetPost, pb.GetPostRequest(post_id="p3"))
+    assert meta["x-cache"] in {"miss", "hit"}
+
+
+async def test_unreadable_cache_bytes_are_a_miss_not_an_error(
+    fragile: Running, private_redis: EmbeddedRedis
+) -> None:
+    client = aioredis.Redis.from_url(private_redis.url)
+    try:
+        await client.set(fragile.prefix + "post:p1", b"\xff garbage")
+        await client.sadd(fragile.prefix + "post:p2", "wrong type")
+    finally:
+        await client.aclose()
+    response, meta = await call(fragile.stub.GetPost, pb.GetPostRequest(post_id="p1"))
+    assert (response.post.title, meta["x-cache"]) == ("title 1", "miss")
+    response, meta = await call(fragile.stub.GetPost, pb.GetPostRequest(post_id="p2"))
+    assert response.post.title == "title 2"
+
+
+async def test_an_unreachable_database_is_unavailable_with_a_clear_message(
+    settings: Settings, database: Database, tmp_path: os.PathLike[str]
+) -> None:
+    if database.kind == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path}/missing-dir/none.db"
+    else:
+        url = f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/test"
+    running = await start_service(settings, database_url=url, db_timeout_ms=1000)
+    try:
+        code, details, reason = await error_of(running.stub.GetPost, pb.GetPostRequest(post_id="p1"))
+        assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "DATABASE_UNAVAILABLE")
+        assert "database is unreachable" in details
+        # Invalidate needs only Redis, so it still works while the database is down.
+        response, _ = await call(running.stub.Invalidate, pb.InvalidateRequest(post_ids=["p1"]))
+        assert response.keys_invalidated == 0
+    finally:
+        await stop_service(running)

@@ -1,0 +1,119 @@
+"""Invalidate: stale until told, fresh right after, exactly the related keys, without KEYS or SCAN."""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from client.proto.cacheaside.v1 import cache_service_pb2 as pb
+from server.config import Settings
+from server.embedded_redis import EmbeddedRedis
+from tests.conftest import Running, start_service, stop_service
+from tests.data import add_comment, add_post, add_user, set_post, set_profile, set_user
+from tests.helpers import call
+
+
+async def _cached_keys(redis_client: aioredis.Redis, prefix: str) -> set[str]:
+    return {key.decode()[len(prefix) :] async for key in redis_client.scan_iter(match=prefix + "*")}
+
+
+async def test_a_post_changed_behind_the_cache_stays_cached_until_invalidated(
+    service: Running, db_engine: AsyncEngine
+) -> None:
+    await add_user(db_engine, "alice")
+    await add_post(db_engine, "p1", "alice", title="v1", views=5)
+    await call(service.stub.GetPost, pb.GetPostRequest(post_id="p1"))
+    await call(service.stub.GetTrending, pb.GetTrendingRequest())
+
+    await set_post(db_engine, "p1", title="v2", views=50)
+    stale, meta = await call(service.stub.GetPost, pb.GetPostRequest(post_id="p1"))
+    assert (stale.post.title, meta["x-cache"]) == ("v1", "hit")
+    stale_list, _ = await call(service.stub.GetTrending, pb.GetTrendingRequest())
+    assert stale_list.posts[0].views == 5
+
+    await call(service.stub.Invalidate, pb.InvalidateRequest(post_ids=["p1"]))
+    fresh, meta = await call(service.stub.GetPost, pb.GetPostRequest(post_id="p1"))
+    assert (fresh.post.title, meta["x-cache"]) == ("v2", "miss")
+    fresh_list, _ = await call(service.stub.GetTrending, pb.GetTrendingRequest())
+    assert fresh_list.posts[0].views == 50
+
+
+async def test_a_user_changed_behind_the_cache_is_fresh_in_every_view_after_invalidate(
+    service: Running, db_engine: AsyncEngine
+) -> None:
+    await add_user(db_engine, "alice")
+    full = pb.GetUserRequest(user_id="alice", view=pb.USER_VIEW_FULL)
+    await call(service.stub.GetUser, full)
+    await set_user(db_engine, "alice", name="Alice v2")
+    await set_profile(db_engine, "alice", bio="new bio")
+    stale, _ = await call(service.stub.GetUser, full)
+    assert stale.user.name == "Name alice"
+
+    await call(service.stub.Invalidate, pb.InvalidateRequest(user_ids=["alice"]))
+    fresh, meta = await call(service.stub.GetUser, full)
+    assert meta["x-cache"] == "miss"
+    assert (fresh.user.name, fresh.user.profile.bio) == ("Alice v2", "new bio")
+
+
+async def test_invalidate_removes_exactly_the_related_keys(
+    service: Running, db_engine: AsyncEngine, redis_client: aioredis.Redis
+) -> None:
+    for user in ("alice", "bob"):
+        await add_user(db_engine, user)
+        await add_post(db_engine, f"{user}-post", user)
+        await add_comment(db_engine, f"{user}-comment", f"{user}-post", user)
+    stub = service.stub
+    for user in ("alice", "bob"):
+        await call(stub.GetUser, pb.GetUserRequest(user_id=user, view=pb.USER_VIEW_FULL))
+        await call(stub.GetPost, pb.GetPostRequest(post_id=f"{user}-post"))
+        await call(stub.ListPostsByAuthor, pb.ListPostsByAuthorRequest(author_id=user))
+        await call(stub.ListCommentsByAuthor, pb.ListCommentsByAuthorRequest(author_id=user))
+    await call(stub.GetTrending, pb.GetTrendingRequest())
+    await call(stub.GetArchived, pb.GetArchivedRequest())
+    everything = await _cached_keys(redis_client, service.prefix)
+
+    user_keys = {"user:alice", "user_profile:alice", "user_settings:alice", "posts:author:alice", "comments:author:alice"}
+    response, _ = await call(stub.Invalidate, pb.InvalidateRequest(user_ids=["alice"]))
+    assert response.keys_invalidated == len(user_keys)
+    assert await _cached_keys(redis_client, service.prefix) == everything - user_keys
+
+    # A post: the post, and every cached post list (trending, archived, each author's list) via the tag.
+    response, _ = await call(stub.Invalidate, pb.InvalidateRequest(post_ids=["bob-post"]))
+    post_keys = {"post:bob-post", "posts:trending", "posts:archived", "posts:author:bob", "tag:post_lists"}
+    assert response.keys_invalidated == len(post_keys) - 1  # the tag set itself is not a cached value
+    remaining = await _cached_keys(redis_client, service.prefix)
+    assert remaining == everything - user_keys - post_keys
+    assert {"user:bob", "post:alice-post", "comments:author:bob"} <= remaining
+
+
+async def test_post_lists_are_invalidated_without_keys_or_scan(
+    settings: Settings, db_engine: AsyncEngine
+) -> None:
+    with EmbeddedRedis() as private:
+        running = await start_service(settings, redis_url=private.url)
+        admin = aioredis.Redis.from_url(private.url)
+        try:
+            await add_user(db_engine, "alice")
+            await add_post(db_engine, "p1", "alice")
+            await call(running.stub.GetTrending, pb.GetTrendingRequest())
+            await call(running.stub.ListPostsByAuthor, pb.ListPostsByAuthorRequest(author_id="alice"))
+            await admin.config_resetstat()
+
+            response, _ = await call(running.stub.Invalidate, pb.InvalidateRequest(post_ids=["p1"]))
+            assert response.keys_invalidated == 2  # trending and alice's list; p1 itself was never cached
+            stats = await admin.info("commandstats")
+            assert not {"cmdstat_keys", "cmdstat_scan"} & set(stats), stats
+        finally:
+            await admin.aclose()
+            await stop_service(running)
+
+
+async def test_one_request_invalidates_users_and_posts_together(service: Running, db_engine: AsyncEngine) -> None:
+    await add_user(db_engine, "alice")
+    await add_post(db_engine, "p1", "alice")
+    await call(service.stub.GetUser, pb.GetUserRequest(user_id="alice"))
+    await call(service.stub.GetPost, pb.GetPostRequest(post_id="p1"))
+    response, _ = await call(service.stub.Invalidate, pb.InvalidateRequest(user_ids=["alice"], post_ids=["p1"]))
+    assert response.keys_invalidated == 2
+    _, meta = await call(service.stub.GetUser, pb.GetUserRequest(user_id="alice"))
+    assert meta["x-cache"] == "miss"

@@ -1,0 +1,74 @@
+"""Warm caches exactly what the seed's queries select, with the tiers' TTLs, by RPC and at startup."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import redis.asyncio as aioredis
+from google.protobuf.duration_pb2 import Duration
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from client.proto.cacheaside.v1 import cache_service_pb2 as pb
+from server.config import Settings, Tier
+from tests.conftest import Running, start_service, stop_service
+from tests.data import add_post, add_user
+from tests.helpers import call, ttl_band_ms
+
+
+async def _population(engine: AsyncEngine) -> None:
+    now = datetime.now(UTC)
+    for n in range(60):  # u00..u59 active within the day, u00 most recently
+        await add_user(engine, f"u{n:02d}", full=False, last_active_at=now - timedelta(minutes=n + 1))
+    for n in range(5):
+        await add_user(engine, f"idle{n}", full=False, last_active_at=now - timedelta(days=2, minutes=n))
+    await add_user(engine, "never", full=False, last_active_at=None)
+    for n in range(25):  # published posts with views 0..24
+        await add_post(engine, f"p{n:02d}", "u00", views=n)
+    await add_post(engine, "draft", "u00", published=False, views=1_000_000)
+
+
+async def _cached(redis_client: aioredis.Redis, prefix: str, family: str) -> dict[str, int]:
+    keys = [key async for key in redis_client.scan_iter(match=f"{prefix}{family}*")]
+    return {key.decode()[len(prefix) + len(family) :]: await redis_client.pttl(key) for key in keys}
+
+
+async def test_warm_defaults_cache_the_seeds_selection_with_tier_ttls(
+    service: Running, db_engine: AsyncEngine, redis_client: aioredis.Redis
+) -> None:
+    await _population(db_engine)
+    response, _ = await call(service.stub.Warm, pb.WarmRequest())
+    assert (response.posts_warmed, response.users_warmed) == (20, 50)
+
+    posts = await _cached(redis_client, service.prefix, "post:")
+    assert set(posts) == {f"p{n:02d}" for n in range(5, 25)}  # the 20 most viewed published posts
+    users = await _cached(redis_client, service.prefix, "user:")
+    assert set(users) == {f"u{n:02d}" for n in range(50)}  # the 50 most recently active within 24 h
+    low, high = ttl_band_ms(service.app.settings, Tier.WARM)
+    assert all(low <= ttl <= high for ttl in [*posts.values(), *users.values()])
+
+    _, meta = await call(service.stub.GetPost, pb.GetPostRequest(post_id="p24"))
+    assert meta["x-cache"] == "hit"
+
+
+async def test_warm_takes_counts_and_a_window(
+    service: Running, db_engine: AsyncEngine, redis_client: aioredis.Redis
+) -> None:
+    await _population(db_engine)
+    request = pb.WarmRequest(popular_posts=3, active_users=100, active_within=Duration(seconds=10 * 60 + 30))
+    response, _ = await call(service.stub.Warm, request)
+    assert (response.posts_warmed, response.users_warmed) == (3, 10)
+    assert set(await _cached(redis_client, service.prefix, "post:")) == {"p24", "p23", "p22"}
+    assert set(await _cached(redis_client, service.prefix, "user:")) == {f"u{n:02d}" for n in range(10)}
+
+
+async def test_warming_runs_at_startup(settings: Settings, db_engine: AsyncEngine, redis_client: aioredis.Redis) -> None:
+    await _population(db_engine)
+    running = await start_service(settings, warm_on_start=True, warm_posts=4, warm_users=2)
+    try:
+        assert running.app.startup_warm is not None
+        await running.app.startup_warm
+        prefix = running.prefix
+        assert set(await _cached(redis_client, prefix, "post:")) == {"p24", "p23", "p22", "p21"}
+        assert set(await _cached(redis_client, prefix, "user:")) == {"u00", "u01"}
+    finally:
+        await stop_service(running)
