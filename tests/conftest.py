@@ -94,7 +94,9 @@ def database(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     url = os.environ.get("CACHEASIDE_TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL)
     problem = _postgres_answers(url)
     if problem:
-        message = f"PostgreSQL at {url} is unreachable ({problem}); start it or set CACHEASIDE_TEST_POSTGRES_URL"
+        message = (
+            f"PostgreSQL at {url} is unreachable ({problem}); start it or set CACHEASIDE_TEST_POSTGRES_URL"
+        )
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
@@ -179,7 +181,9 @@ async def stop_service(running: Running) -> None:
 
 
 @pytest.fixture
-async def service(settings: Settings, db_engine: AsyncEngine, redis_client: aioredis.Redis) -> AsyncIterator[Running]:
+async def service(
+    settings: Settings, db_engine: AsyncEngine, redis_client: aioredis.Redis
+) -> AsyncIterator[Running]:
     """A running service over the test's database and Redis prefix."""
     running = await start_service(settings)
     yield running

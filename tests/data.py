@@ -27,7 +27,8 @@ async def add_user(engine: AsyncEngine, user_id: str, *, full: bool = True, **co
         await connection.execute(users.insert(), row)
         if full:
             await connection.execute(
-                profiles.insert(), {"user_id": user_id, "bio": f"bio of {user_id}", "avatar_url": "https://a/x.png"}
+                profiles.insert(),
+                {"user_id": user_id, "bio": f"bio of {user_id}", "avatar_url": "https://a/x.png"},
             )
             await connection.execute(
                 user_settings.insert(),

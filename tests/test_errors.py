@@ -23,7 +23,12 @@ BAD_REQUESTS: list[tuple[str, Any, str, str]] = [
     ("GetTrending", pb.GetTrendingRequest(limit=101), "LIMIT_OUT_OF_RANGE", "1 to 100"),
     ("GetTrending", pb.GetTrendingRequest(limit=-1), "LIMIT_OUT_OF_RANGE", "default of 10"),
     ("GetArchived", pb.GetArchivedRequest(limit=1000), "LIMIT_OUT_OF_RANGE", "default of 20"),
-    ("ListPostsByAuthor", pb.ListPostsByAuthorRequest(author_id="a", limit=101), "LIMIT_OUT_OF_RANGE", "1 to 100"),
+    (
+        "ListPostsByAuthor",
+        pb.ListPostsByAuthorRequest(author_id="a", limit=101),
+        "LIMIT_OUT_OF_RANGE",
+        "1 to 100",
+    ),
     ("ListCommentsByAuthor", pb.ListCommentsByAuthorRequest(author_id=""), "INVALID_ID", "author_id"),
     ("BatchGetPosts", pb.BatchGetPostsRequest(), "EMPTY_BATCH", "at least one"),
     ("BatchGetPosts", pb.BatchGetPostsRequest(post_ids=["p"] * 101), "BATCH_TOO_LARGE", "at most 100"),
@@ -68,19 +73,27 @@ async def test_unknown_ids_are_not_found_and_named(service: Running, db_engine: 
         service.stub.BatchGetPosts, pb.BatchGetPostsRequest(post_ids=["p1", "gone", "p1", "lost"])
     )
     assert code == grpc.StatusCode.NOT_FOUND
-    assert "'gone'" in details and "'lost'" in details and "'p1'" not in details
+    assert "'gone'" in details
+    assert "'lost'" in details
+    assert "'p1'" not in details
 
     for request in (
         pb.GetUserRequest(user_id="ghost", view=pb.USER_VIEW_FULL),
         pb.GetUserRequest(user_id="ghost"),
     ):
         code, details, _ = await error_of(service.stub.GetUser, request)
-        assert code == grpc.StatusCode.NOT_FOUND and "'ghost'" in details
-    code, details, _ = await error_of(service.stub.ListPostsByAuthor, pb.ListPostsByAuthorRequest(author_id="ghost"))
-    assert code == grpc.StatusCode.NOT_FOUND and "author" in details
+        assert code == grpc.StatusCode.NOT_FOUND
+        assert "'ghost'" in details
+    code, details, _ = await error_of(
+        service.stub.ListPostsByAuthor, pb.ListPostsByAuthorRequest(author_id="ghost")
+    )
+    assert code == grpc.StatusCode.NOT_FOUND
+    assert "author" in details
 
 
-async def test_not_found_is_cached_briefly_and_cleared_by_invalidate(service: Running, db_engine: AsyncEngine) -> None:
+async def test_not_found_is_cached_briefly_and_cleared_by_invalidate(
+    service: Running, db_engine: AsyncEngine
+) -> None:
     await add_user(db_engine, "alice")
     await error_of(service.stub.GetPost, pb.GetPostRequest(post_id="late"))
     loads = service.app.engine.stats.loads

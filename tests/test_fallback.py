@@ -31,7 +31,9 @@ async def private_redis() -> AsyncIterator[EmbeddedRedis]:
 
 
 @pytest.fixture
-async def fragile(settings: Settings, db_engine: AsyncEngine, private_redis: EmbeddedRedis) -> AsyncIterator[Running]:
+async def fragile(
+    settings: Settings, db_engine: AsyncEngine, private_redis: EmbeddedRedis
+) -> AsyncIterator[Running]:
     """A service on the private Redis, with a fast breaker probe."""
     await add_user(db_engine, "alice")
     for n in range(5):
@@ -47,11 +49,10 @@ async def fragile(settings: Settings, db_engine: AsyncEngine, private_redis: Emb
     await stop_service(running)
 
 
-async def _wait_for_breaker(running: Running, state: BreakerState) -> None:
-    # Bounded wait for the background probe, which runs every 50 ms here.
+async def _wait_for_breaker_to_close(running: Running) -> None:
+    # Bounded: the background probe runs every 50 ms here.
     async with asyncio.timeout(10):
-        while running.app.engine.store.breaker_state is not state:
-            await asyncio.sleep(0.02)
+        await running.app.engine.store.breaker.wait_closed()
 
 
 async def _reads_all_bypass(running: Running, count: int) -> None:
@@ -92,7 +93,7 @@ async def test_redis_stopped_mid_test_reads_bypass_without_waiting_then_caching_
     assert "nothing was invalidated" in details
 
     private_redis.start()  # same port, empty
-    await _wait_for_breaker(fragile, BreakerState.CLOSED)
+    await _wait_for_breaker_to_close(fragile)
     _, meta = await call(fragile.stub.GetPost, pb.GetPostRequest(post_id="p0"))
     assert meta["x-cache"] == "miss"
     _, meta = await call(fragile.stub.GetPost, pb.GetPostRequest(post_id="p0"))
@@ -113,7 +114,7 @@ async def test_a_frozen_redis_costs_only_the_breakers_timeouts(
         assert stats.failures - failures_before <= BREAKER_FAILURES, "each call must not wait for a timeout"
     finally:
         os.kill(process.pid, signal.SIGCONT)
-    await _wait_for_breaker(fragile, BreakerState.CLOSED)
+    await _wait_for_breaker_to_close(fragile)
     _, meta = await call(fragile.stub.GetPost, pb.GetPostRequest(post_id="p3"))
     assert meta["x-cache"] in {"miss", "hit"}
 

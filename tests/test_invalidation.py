@@ -72,7 +72,13 @@ async def test_invalidate_removes_exactly_the_related_keys(
     await call(stub.GetArchived, pb.GetArchivedRequest())
     everything = await _cached_keys(redis_client, service.prefix)
 
-    user_keys = {"user:alice", "user_profile:alice", "user_settings:alice", "posts:author:alice", "comments:author:alice"}
+    user_keys = {
+        "user:alice",
+        "user_profile:alice",
+        "user_settings:alice",
+        "posts:author:alice",
+        "comments:author:alice",
+    }
     response, _ = await call(stub.Invalidate, pb.InvalidateRequest(user_ids=["alice"]))
     assert response.keys_invalidated == len(user_keys)
     assert await _cached_keys(redis_client, service.prefix) == everything - user_keys
@@ -108,12 +114,16 @@ async def test_post_lists_are_invalidated_without_keys_or_scan(
             await stop_service(running)
 
 
-async def test_one_request_invalidates_users_and_posts_together(service: Running, db_engine: AsyncEngine) -> None:
+async def test_one_request_invalidates_users_and_posts_together(
+    service: Running, db_engine: AsyncEngine
+) -> None:
     await add_user(db_engine, "alice")
     await add_post(db_engine, "p1", "alice")
     await call(service.stub.GetUser, pb.GetUserRequest(user_id="alice"))
     await call(service.stub.GetPost, pb.GetPostRequest(post_id="p1"))
-    response, _ = await call(service.stub.Invalidate, pb.InvalidateRequest(user_ids=["alice"], post_ids=["p1"]))
+    response, _ = await call(
+        service.stub.Invalidate, pb.InvalidateRequest(user_ids=["alice"], post_ids=["p1"])
+    )
     assert response.keys_invalidated == 2
     _, meta = await call(service.stub.GetUser, pb.GetUserRequest(user_id="alice"))
     assert meta["x-cache"] == "miss"

@@ -48,13 +48,25 @@ EVERY_READ: list[tuple[str, Any, list[str], Tier]] = [
     ("GetTrending", pb.GetTrendingRequest(), ["posts:trending"], Tier.HOT),
     ("GetArchived", pb.GetArchivedRequest(), ["posts:archived"], Tier.COLD),
     ("ListPostsByAuthor", pb.ListPostsByAuthorRequest(author_id="alice"), ["posts:author:alice"], Tier.WARM),
-    ("ListCommentsByAuthor", pb.ListCommentsByAuthorRequest(author_id="bob"), ["comments:author:bob"], Tier.WARM),
-    ("BatchGetUsers", pb.BatchGetUsersRequest(user_ids=["alice", "bob"]), ["user:alice", "user:bob"], Tier.WARM),
+    (
+        "ListCommentsByAuthor",
+        pb.ListCommentsByAuthorRequest(author_id="bob"),
+        ["comments:author:bob"],
+        Tier.WARM,
+    ),
+    (
+        "BatchGetUsers",
+        pb.BatchGetUsersRequest(user_ids=["alice", "bob"]),
+        ["user:alice", "user:bob"],
+        Tier.WARM,
+    ),
     ("BatchGetPosts", pb.BatchGetPostsRequest(post_ids=["p1", "p2"]), ["post:p1", "post:p2"], Tier.WARM),
 ]
 
 
-@pytest.mark.parametrize(("rpc", "request_message", "keys", "tier"), EVERY_READ, ids=[r[0] for r in EVERY_READ])
+@pytest.mark.parametrize(
+    ("rpc", "request_message", "keys", "tier"), EVERY_READ, ids=[r[0] for r in EVERY_READ]
+)
 async def test_every_read_misses_then_hits_with_its_tier_ttl(
     service: Running,
     db_engine: AsyncEngine,
@@ -110,7 +122,9 @@ async def test_trending_is_published_posts_by_views_cut_to_the_limit(
     await _seed_small(db_engine)
 
     default, _ = await call(service.stub.GetTrending, pb.GetTrendingRequest())
-    assert [p.id for p in default.posts] == [f"p{n}" for n in range(11, 1, -1)]  # 10 by default; draft excluded
+    assert [p.id for p in default.posts] == [
+        f"p{n}" for n in range(11, 1, -1)
+    ]  # 10 by default; draft excluded
 
     # Every limit is served from the one cached list.
     three, meta = await call(service.stub.GetTrending, pb.GetTrendingRequest(limit=3))
@@ -125,9 +139,9 @@ async def test_archived_is_latest_archived_first(service: Running, db_engine: As
     archived, _ = await call(service.stub.GetArchived, pb.GetArchivedRequest(limit=2))
     assert [p.id for p in archived.posts] == ["old2", "old1"]
     assert archived.posts[0].archived
-    assert archived.posts[0].archived_at.ToDatetime().replace(tzinfo=BASE_TIME.tzinfo) == BASE_TIME + timedelta(
-        days=2
-    )
+    assert archived.posts[0].archived_at.ToDatetime().replace(
+        tzinfo=BASE_TIME.tzinfo
+    ) == BASE_TIME + timedelta(days=2)
 
 
 async def test_author_lists_are_newest_first_and_empty_for_an_author_without_rows(
@@ -136,9 +150,13 @@ async def test_author_lists_are_newest_first_and_empty_for_an_author_without_row
     await _seed_small(db_engine)
     await add_user(db_engine, "carol", full=False)
 
-    alice, _ = await call(service.stub.ListPostsByAuthor, pb.ListPostsByAuthorRequest(author_id="alice", limit=2))
+    alice, _ = await call(
+        service.stub.ListPostsByAuthor, pb.ListPostsByAuthorRequest(author_id="alice", limit=2)
+    )
     assert [p.id for p in alice.posts] == ["p11", "p10"]
-    comments, _ = await call(service.stub.ListCommentsByAuthor, pb.ListCommentsByAuthorRequest(author_id="bob"))
+    comments, _ = await call(
+        service.stub.ListCommentsByAuthor, pb.ListCommentsByAuthorRequest(author_id="bob")
+    )
     assert [c.id for c in comments.comments] == ["c2", "c1"]
     assert comments.comments[0].post_id == "p2"
 
@@ -170,7 +188,9 @@ async def test_batches_answer_in_request_order_with_one_query_for_all_misses(
     assert again == batch
 
 
-async def test_batch_users_full_view_merges_each_users_parts(service: Running, db_engine: AsyncEngine) -> None:
+async def test_batch_users_full_view_merges_each_users_parts(
+    service: Running, db_engine: AsyncEngine
+) -> None:
     await add_user(db_engine, "alice")
     await add_user(db_engine, "bob", full=False)
     request = pb.BatchGetUsersRequest(user_ids=["bob", "alice"], view=pb.USER_VIEW_FULL)

@@ -61,7 +61,9 @@ async def test_warm_takes_counts_and_a_window(
     assert set(await _cached(redis_client, service.prefix, "user:")) == {f"u{n:02d}" for n in range(10)}
 
 
-async def test_warming_runs_at_startup(settings: Settings, db_engine: AsyncEngine, redis_client: aioredis.Redis) -> None:
+async def test_warming_runs_at_startup(
+    settings: Settings, db_engine: AsyncEngine, redis_client: aioredis.Redis
+) -> None:
     await _population(db_engine)
     running = await start_service(settings, warm_on_start=True, warm_posts=4, warm_users=2)
     try:

@@ -14,7 +14,9 @@ def test_framed_payloads_parse_as_the_response_protobuf_would_write() -> None:
     posts = [_post(n) for n in range(8)]
     framed = wire.frame_all(1, [p.SerializeToString() for p in posts])
     assert framed == pb.GetTrendingResponse(posts=posts).SerializeToString()
-    assert wire.frame(1, posts[5].SerializeToString()) == pb.GetPostResponse(post=posts[5]).SerializeToString()
+    assert (
+        wire.frame(1, posts[5].SerializeToString()) == pb.GetPostResponse(post=posts[5]).SerializeToString()
+    )
 
 
 def test_take_records_cuts_a_list_to_its_first_records() -> None:
@@ -30,4 +32,6 @@ def test_concatenated_user_parts_merge_into_one_user() -> None:
     profile = wire.frame(6, pb.Profile(bio="b").SerializeToString())
     settings = wire.frame(7, pb.UserSettings(theme="dark").SerializeToString())
     merged = pb.User.FromString(user.SerializeToString() + profile + settings)
-    assert merged == pb.User(id="u", name="n", profile=pb.Profile(bio="b"), settings=pb.UserSettings(theme="dark"))
+    assert merged == pb.User(
+        id="u", name="n", profile=pb.Profile(bio="b"), settings=pb.UserSettings(theme="dark")
+    )

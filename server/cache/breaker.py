@@ -37,6 +37,8 @@ class CircuitBreaker:
         self._failures = 0
         self._state = BreakerState.CLOSED
         self._probe_task: asyncio.Task[None] | None = None
+        self._closed = asyncio.Event()
+        self._closed.set()
         self.opened_count = 0
 
     @property
@@ -58,8 +60,13 @@ class CircuitBreaker:
         if self._state is BreakerState.CLOSED and self._failures >= self._failure_threshold:
             self._open()
 
+    async def wait_closed(self) -> None:
+        """Return once the breaker is closed (at once if it is)."""
+        await self._closed.wait()
+
     def _open(self) -> None:
         self._state = BreakerState.OPEN
+        self._closed.clear()
         self.opened_count += 1
         _LOGGER.warning(
             "redis breaker opened after %d failures; serving from the database, probing every %.2fs",
@@ -78,6 +85,7 @@ class CircuitBreaker:
                 continue
             self._failures = 0
             self._state = BreakerState.CLOSED
+            self._closed.set()
             _LOGGER.warning("redis breaker closed: redis answers again, caching resumes")
             return
 
