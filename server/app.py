@@ -12,7 +12,7 @@ import grpc
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from server import db
-from server.cache import CacheEngine, RedisStore
+from server.cache import CacheEngine, FillNotifier, RedisStore
 from server.config import Settings
 from server.domain.catalog import build_catalog
 from server.domain.keys import key_prefix
@@ -39,6 +39,8 @@ class App:
 
     async def start(self) -> None:
         """Serve, and warm at startup and on the interval if the settings ask."""
+        if self.engine.notifier is not None:
+            self.engine.notifier.start()
         await self.server.start()
         if self.settings.warm_on_start:
             # In the background: the port is open and serving while warming runs.
@@ -53,25 +55,44 @@ class App:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.server.stop(self.settings.shutdown_grace_s if grace_s is None else grace_s)
+        await self.engine.close()
+        if self.engine.notifier is not None:
+            await self.engine.notifier.close()
         await self.engine.store.close()
         await self.database.dispose()
 
 
 def create_app(settings: Settings, *, redis_url: str | None = None) -> App:
     """Build the whole service and bind its port; nothing is served until `start`."""
+    redis_url = redis_url or settings.redis_url
     store = RedisStore.connect(
-        redis_url or settings.redis_url,
+        redis_url,
         prefix=key_prefix(settings.key_prefix),
         timeout_ms=settings.redis_timeout_ms,
         max_connections=settings.redis_max_connections,
         breaker_failures=settings.redis_breaker_failures,
         breaker_cooldown_ms=settings.redis_breaker_cooldown_ms,
     )
+    notifier = (
+        FillNotifier.connect(
+            redis_url,
+            channel=store.channel,
+            prefix=store.prefix,
+            connect_timeout_ms=settings.redis_timeout_ms,
+        )
+        if settings.leases
+        else None
+    )
     engine = CacheEngine(
         store,
+        notifier=notifier,
         load_timeout_s=settings.db_timeout_ms / 1000,
+        leases=settings.leases,
+        lease_ttl_ms=settings.lease_ttl_ms,
         negative_ttl_s=settings.ttl_negative_s,
+        max_stale_s=settings.max_stale_s,
         jitter_pct=settings.ttl_jitter_pct,
+        error_backoff_ms=settings.db_error_backoff_ms,
     )
     database = db.create_engine(settings)
     queries = Queries(database)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -49,12 +48,10 @@ class Warmer:
     ) -> WarmResult:
         """Warm now; None means the configured default. Raises CacheUnavailable if Redis is down."""
         within = timedelta(seconds=active_within_s or self._default_active_within_s)
-        started = time.monotonic()
-        popular = await self._queries.popular_posts(posts or self._default_posts)
-        active = await self._queries.active_users(users or self._default_users, datetime.now(UTC) - within)
-        load_ms = int((time.monotonic() - started) * 1000)
-        posts_warmed = await self._engine.put(self._catalog.post, popular, load_ms=load_ms)
-        users_warmed = await self._engine.put(self._catalog.user, active, load_ms=load_ms)
+        popular = await self._queries.popular_post_ids(posts or self._default_posts)
+        active = await self._queries.active_user_ids(users or self._default_users, datetime.now(UTC) - within)
+        posts_warmed = await self._engine.refresh(self._catalog.post, popular) if popular else 0
+        users_warmed = await self._engine.refresh(self._catalog.user, active) if active else 0
         return WarmResult(posts_warmed, users_warmed)
 
     async def warm_logged(self) -> None:
