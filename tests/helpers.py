@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -37,6 +39,13 @@ async def error_of(method: Any, request: Any) -> tuple[grpc.StatusCode, str, str
                     reason = info.reason
         return error.code(), error.details() or "", reason
     raise AssertionError(f"{request!r} succeeded")
+
+
+async def until(condition: Callable[[], bool], *, timeout_s: float = 10.0) -> None:
+    """Yield to other tasks until condition holds: for progress that is certain, not a race to win."""
+    async with asyncio.timeout(timeout_s):
+        while not condition():  # noqa: ASYNC110  (the condition is a counter, not an event we own)
+            await asyncio.sleep(0.001)
 
 
 def ttl_band_ms(settings: Settings, tier: Tier) -> tuple[int, int]:

@@ -179,7 +179,9 @@ async def test_batches_answer_in_request_order_with_one_query_for_all_misses(
     assert [p.id for p in batch.posts] == ids
     assert meta["x-cache"] == "miss"
     assert engine.stats.loads_by_family["post"] == before_loads + 1, "one SQL query for every miss"
-    assert engine.store.stats.attempts == before_redis + 3, "one MGET, one pipelined lease, one pipelined fill"
+    assert engine.store.stats.attempts == before_redis + 3, (
+        "one MGET, one pipelined lease, one pipelined fill"
+    )
 
     again, meta = await call(service.stub.BatchGetPosts, pb.BatchGetPostsRequest(post_ids=ids))
     assert meta["x-cache"] == "hit"

@@ -49,7 +49,7 @@ class CacheEngine:
         self.clock: Callable[[], float] = time.time
         self.random: Callable[[], float] = random.random
         self.leases = leases
-        self._loading = Loading(self.stats, timeout_s=load_timeout_s)
+        self._loading = Loading(self.stats, self.hooks, timeout_s=load_timeout_s)
         self._ttl = TtlPolicy(
             negative_ttl_ms=negative_ttl_s * 1000, max_stale_ms=max_stale_s * 1000, jitter=jitter_pct / 100
         )
@@ -59,7 +59,6 @@ class CacheEngine:
             self._loading,
             self._ttl,
             self.stats,
-            self.hooks,
             lease_ms=lease_ttl_ms,
             error_backoff_ms=error_backoff_ms,
             now_ms=self._now_ms,
@@ -133,6 +132,10 @@ class CacheEngine:
     async def invalidate(self, keys: Sequence[str], tags: Sequence[str]) -> int:
         """Delete keys, their leases, and every key in the tags, atomically. Raises CacheUnavailable."""
         return await self.store.invalidate(keys, tags)
+
+    async def drain(self) -> None:
+        """Wait for background loads and early refreshes under way to finish."""
+        await self._flights.drain()
 
     async def close(self) -> None:
         """Stop background flights and refreshes."""

@@ -20,7 +20,7 @@ from server.cache import envelope
 from server.cache.loading import Loading, Lookup, TtlPolicy
 from server.cache.notify import FillNotifier
 from server.cache.store import CacheUnavailable, LeaseKind, LeaseRequest, RedisStore
-from server.cache.types import EngineHooks, EngineStats, Outcome, RecentLoadFailure, Resolved
+from server.cache.types import EngineStats, Outcome, RecentLoadFailure, Resolved
 
 _LOGGER = logging.getLogger(__name__)
 _FIRST_WAIT_S = 0.02
@@ -45,7 +45,6 @@ class LeaseFlights:
         loading: Loading,
         ttl: TtlPolicy,
         stats: EngineStats,
-        hooks: EngineHooks,
         *,
         lease_ms: int,
         error_backoff_ms: int,
@@ -56,7 +55,6 @@ class LeaseFlights:
         self._loading = loading
         self._ttl = ttl
         self._stats = stats
-        self._hooks = hooks
         self._lease_ms = lease_ms
         self._error_backoff_ms = error_backoff_ms
         self._now_ms = now_ms
@@ -102,8 +100,6 @@ class LeaseFlights:
         except Exception:
             await self._release_quietly([(lookup.key, tokens[lookup.key]) for lookup in lookups])
             raise
-        if self._hooks.after_load is not None:
-            await self._hooks.after_load([lookup.key for lookup in lookups])
         now_ms = self._now_ms()
         answers: dict[str, Resolved] = {}
         fills = []
@@ -133,6 +129,11 @@ class LeaseFlights:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    async def drain(self) -> None:
+        """Wait for every flight and refresh under way (tests; graceful shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def close(self) -> None:
         """Cancel flights and refreshes still running (at shutdown)."""

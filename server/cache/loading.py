@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from server.cache import envelope
 from server.cache.store import Fill
-from server.cache.types import EngineStats, Family, LoadTimeout
+from server.cache.types import EngineHooks, EngineStats, Family, LoadTimeout
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,8 +55,9 @@ class TtlPolicy:
 class Loading:
     """Runs loaders with a timeout, one query per family, and counts them."""
 
-    def __init__(self, stats: EngineStats, *, timeout_s: float) -> None:
+    def __init__(self, stats: EngineStats, hooks: EngineHooks, *, timeout_s: float) -> None:
         self._stats = stats
+        self._hooks = hooks
         self.timeout_s = timeout_s
 
     async def load(self, lookups: Sequence[Lookup]) -> tuple[Loaded, int]:
@@ -72,6 +73,8 @@ class Loading:
             self._stats.load_failures += 1
             raise
         load_ms = int((time.monotonic() - started) * 1000)
+        if self._hooks.after_load is not None:
+            await self._hooks.after_load([lookup.key for lookup in lookups])
         return dict(zip(families, results, strict=True)), load_ms
 
     async def _load(self, family: Family, ids: Sequence[str]) -> Mapping[str, bytes]:
