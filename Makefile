@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DATABASE_URL ?= sqlite+aiosqlite:///./cacheaside.db
 
-.PHONY: install run test lint format proto proto-check clean
+.PHONY: install run test bench lint format proto proto-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ run: install
 test: install
 	@bash scripts/ensure_services.sh
 	$(BIN)/python -m pytest -q
+
+# Benchmarks print ratios against a baseline measured in the same run; results in benchmarks/results/.
+bench: install
+	@bash scripts/ensure_services.sh
+	$(BIN)/python -m benchmarks.stampede
 
 lint: install
 	$(BIN)/ruff check .

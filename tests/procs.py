@@ -11,6 +11,7 @@ import dataclasses
 import multiprocessing
 import os
 import signal
+from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -20,12 +21,18 @@ from server.config import Settings
 _CONTEXT = multiprocessing.get_context("spawn")
 
 
-def _child_main(settings: dict[str, Any], conn: Connection) -> None:
-    asyncio.run(_serve(Settings(**settings), conn))
+def _child_main(settings: dict[str, Any], extra_load_ms: float, conn: Connection) -> None:
+    asyncio.run(_serve(Settings(**settings), extra_load_ms, conn))
 
 
-async def _serve(settings: Settings, conn: Connection) -> None:
+async def _serve(settings: Settings, extra_load_ms: float, conn: Connection) -> None:
     app = create_app(settings)
+
+    async def query_cost(_keys: Sequence[str]) -> None:
+        await asyncio.sleep(extra_load_ms / 1000)
+
+    if extra_load_ms:
+        app.engine.hooks.after_load = query_cost
     await app.start()
     conn.send(app.port)
     loop = asyncio.get_running_loop()
@@ -42,11 +49,11 @@ async def _serve(settings: Settings, conn: Connection) -> None:
 class ServerProcess:
     """A child process running the service."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, extra_load_ms: float = 0) -> None:
+        """Start the child; extra_load_ms makes every load cost that much more (benchmarks)."""
         self._conn, child_conn = _CONTEXT.Pipe()
-        self._process = _CONTEXT.Process(
-            target=_child_main, args=(settings.model_dump(), child_conn), daemon=True
-        )
+        args = (settings.model_dump(), extra_load_ms, child_conn)
+        self._process = _CONTEXT.Process(target=_child_main, args=args, daemon=True)
         self._process.start()
         if not self._conn.poll(60):
             raise RuntimeError("server process did not start")
