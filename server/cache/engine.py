@@ -73,7 +73,7 @@ class CacheEngine:
         """Answer every (family, id): one MGET, then leases and one query per family for the misses."""
         lookups = [Lookup(family, item_id, family.key(item_id)) for family, item_id in pairs]
         try:
-            raws = await self.store.mget([lookup.key for lookup in lookups])
+            generation, raws = await self.store.mget([lookup.key for lookup in lookups])
         except CacheUnavailable:
             return await self._bypass(lookups)
         now_ms = self._now_ms()
@@ -83,10 +83,12 @@ class CacheEngine:
         pending: list[int] = []
         for index, (lookup, raw) in enumerate(zip(lookups, raws, strict=True)):
             entry = envelope.unpack(raw) if raw is not None else None
+            if entry is not None and entry.generation != generation:
+                entry = None  # written before an invalidate-everything: as good as deleted
             if entry is not None and entry.is_fresh(now_ms):
                 payloads[index] = entry.payload
                 if self.leases and self._xfetch_due(lookup.family, entry, now_ms):
-                    self._refresh_early(lookup)
+                    self._refresh_early(lookup, generation)
                 continue
             misses.setdefault(lookup.key, lookup)
             if entry is not None:
@@ -97,7 +99,11 @@ class CacheEngine:
             return Fetched(payloads, Outcome.HIT)
 
         misses_list = list(misses.values())
-        results = await (self._flights.resolve(misses_list) if self.leases else self._plain(misses_list))
+        results = await (
+            self._flights.resolve(misses_list, generation)
+            if self.leases
+            else self._plain(misses_list, generation)
+        )
         answers = {key: _or_stale(result, stale.get(key)) for key, result in results.items()}
         for index in pending:
             payloads[index] = answers[lookups[index].key].payload
@@ -119,19 +125,26 @@ class CacheEngine:
         Keys whose lease another caller holds are left to that caller's fill. Raises CacheUnavailable.
         """
         lookups = [Lookup(family, item_id, family.key(item_id)) for item_id in ids]
+        generation = await self.store.generation()
         if not self.leases:
-            results = await self._plain(lookups)
+            results = await self._plain(lookups, generation)
             return sum(1 for result in results.values() if not isinstance(result, BaseException))
         tokens = {lookup.key: secrets.token_hex(8) for lookup in lookups}
         requests = [LeaseRequest(lk.key, tokens[lk.key], family.tags, force=True) for lk in lookups]
-        leases = await self.store.lease(requests, lease_ms=self._lease_ms, now_ms=self._now_ms())
+        leases = await self.store.lease(
+            requests, lease_ms=self._lease_ms, now_ms=self._now_ms(), generation=generation
+        )
         granted = [lk for lk, lease in zip(lookups, leases, strict=True) if lease.kind is LeaseKind.GRANTED]
-        _, written = await self._flights.load_and_fill(granted, tokens)
+        _, written = await self._flights.load_and_fill(granted, tokens, generation)
         return written
 
     async def invalidate(self, keys: Sequence[str], tags: Sequence[str]) -> int:
         """Delete keys, their leases, and every key in the tags, atomically. Raises CacheUnavailable."""
         return await self.store.invalidate(keys, tags)
+
+    async def invalidate_everything(self) -> int:
+        """Bump the namespace generation: every entry is invalid at once, O(1). Returns the new one."""
+        return await self.store.bump_generation()
 
     async def drain(self) -> None:
         """Wait for background loads and early refreshes under way to finish."""
@@ -149,8 +162,8 @@ class CacheEngine:
         gap = -entry.load_ms * family.xfetch_beta * math.log(1.0 - self.random())
         return now_ms + gap >= entry.expires_at_ms
 
-    def _refresh_early(self, lookup: Lookup) -> None:
-        if lookup.key in self._refreshing or self._flights.in_flight(lookup.key):
+    def _refresh_early(self, lookup: Lookup, generation: int) -> None:
+        if lookup.key in self._refreshing or self._flights.in_flight(lookup.key, generation):
             return
         self._refreshing.add(lookup.key)
         self._flights.spawn(self._refresh_one(lookup))
@@ -164,7 +177,7 @@ class CacheEngine:
         finally:
             self._refreshing.discard(lookup.key)
 
-    async def _plain(self, lookups: Sequence[Lookup]) -> dict[str, Result]:
+    async def _plain(self, lookups: Sequence[Lookup], generation: int) -> dict[str, Result]:
         # Leases off: the seed's plain cache-aside, every miss loads. The benchmarks' baseline.
         try:
             loaded, load_ms = await self._loading.load(lookups)
@@ -176,7 +189,9 @@ class CacheEngine:
         for lookup in lookups:
             payload = loaded[lookup.family].get(lookup.item_id)
             answers[lookup.key] = Resolved(payload, Outcome.MISS)
-            fill = self._ttl.fill(lookup, payload, load_ms=max(load_ms, 1), now_ms=now_ms, token="")
+            fill = self._ttl.fill(
+                lookup, payload, generation=generation, load_ms=max(load_ms, 1), now_ms=now_ms, token=""
+            )
             if fill is not None:
                 fills.append(fill)
         with contextlib.suppress(CacheUnavailable):  # a failed fill costs only a future miss

@@ -60,37 +60,38 @@ class LeaseFlights:
         self._now_ms = now_ms
         # A waiter may wait out a dead holder's lease, then load itself.
         self._flight_timeout_s = lease_ms / 1000 + loading.timeout_s + 1.0
-        self._flights: dict[str, asyncio.Future[Resolved]] = {}
+        # Keyed by generation too: a read after invalidate-everything never joins an older load.
+        self._flights: dict[tuple[str, int], asyncio.Future[Resolved]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 
-    def in_flight(self, key: str) -> bool:
-        """Whether this process is already resolving key."""
-        return key in self._flights
+    def in_flight(self, key: str, generation: int) -> bool:
+        """Whether this process is already resolving key in this generation."""
+        return (key, generation) in self._flights
 
-    async def resolve(self, lookups: Sequence[Lookup]) -> dict[str, Result]:
+    async def resolve(self, lookups: Sequence[Lookup], generation: int) -> dict[str, Result]:
         """Each key's answer, or the exception its load ended with; joins flights already under way."""
         loop = asyncio.get_running_loop()
         futures: dict[str, asyncio.Future[Resolved]] = {}
         new: list[Lookup] = []
         for lookup in lookups:
             self._stats.flight_callers += 1
-            future = self._flights.get(lookup.key)
+            future = self._flights.get((lookup.key, generation))
             if future is None:
                 future = loop.create_future()
                 future.add_done_callback(_consume)
-                self._flights[lookup.key] = future
+                self._flights[lookup.key, generation] = future
                 new.append(lookup)
             else:
                 self._stats.coalesced += 1
             futures[lookup.key] = future
         if new:
-            self.spawn(self._fly(new, {lookup.key: futures[lookup.key] for lookup in new}))
+            self.spawn(self._fly(new, {lookup.key: futures[lookup.key] for lookup in new}, generation))
         # shield: a caller's cancellation (deadline) must not cancel the shared flight.
         results = await asyncio.gather(*(asyncio.shield(f) for f in futures.values()), return_exceptions=True)
         return dict(zip(futures, results, strict=True))
 
     async def load_and_fill(
-        self, lookups: Sequence[Lookup], tokens: dict[str, str]
+        self, lookups: Sequence[Lookup], tokens: dict[str, str], generation: int
     ) -> tuple[dict[str, Resolved], int]:
         """Load keys whose leases we hold and fill them under their tokens; returns answers, fills written."""
         if not lookups:
@@ -107,8 +108,9 @@ class LeaseFlights:
         for lookup in lookups:
             payload = loaded[lookup.family].get(lookup.item_id)
             answers[lookup.key] = Resolved(payload, Outcome.MISS)
+            token = tokens[lookup.key]
             fill = self._ttl.fill(
-                lookup, payload, load_ms=max(load_ms, 1), now_ms=now_ms, token=tokens[lookup.key]
+                lookup, payload, generation=generation, load_ms=max(load_ms, 1), now_ms=now_ms, token=token
             )
             if fill is None:
                 unfilled.append((lookup.key, tokens[lookup.key]))
@@ -141,13 +143,15 @@ class LeaseFlights:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _fly(self, lookups: list[Lookup], futures: dict[str, asyncio.Future[Resolved]]) -> None:
+    async def _fly(
+        self, lookups: list[Lookup], futures: dict[str, asyncio.Future[Resolved]], generation: int
+    ) -> None:
         events = (
             {lookup.key: self._notifier.expect(lookup.key) for lookup in lookups} if self._notifier else {}
         )
         try:
             async with asyncio.timeout(self._flight_timeout_s):
-                await self._lead(lookups, futures, events)
+                await self._lead(lookups, futures, events, generation)
         except BaseException as exc:  # settle every future, even on cancellation at shutdown
             failure = exc if isinstance(exc, Exception) else CacheUnavailable("the service is shutting down")
             for future in futures.values():
@@ -157,8 +161,8 @@ class LeaseFlights:
                 raise
         finally:
             for key, future in futures.items():
-                if self._flights.get(key) is future:
-                    del self._flights[key]
+                if self._flights.get((key, generation)) is future:
+                    del self._flights[key, generation]
             for key, event in events.items():
                 self._notifier.forget(key, event)  # type: ignore[union-attr]  # events imply a notifier
 
@@ -167,11 +171,14 @@ class LeaseFlights:
         lookups: list[Lookup],
         futures: dict[str, asyncio.Future[Resolved]],
         events: dict[str, asyncio.Event],
+        generation: int,
     ) -> None:
         tokens = {lookup.key: secrets.token_hex(8) for lookup in lookups}
         requests = [LeaseRequest(lk.key, tokens[lk.key], lk.family.tags) for lk in lookups]
         try:
-            leases = await self._store.lease(requests, lease_ms=self._lease_ms, now_ms=self._now_ms())
+            leases = await self._store.lease(
+                requests, lease_ms=self._lease_ms, now_ms=self._now_ms(), generation=generation
+            )
         except CacheUnavailable:
             await self._bypass(lookups, futures)
             return
@@ -186,14 +193,18 @@ class LeaseFlights:
             elif lease.kind is LeaseKind.ERROR:
                 future.set_exception(RecentLoadFailure(lookup.key, lease.pttl_ms))
             else:
-                waits.append(self._wait(lookup, future, events.get(lookup.key), lease.pttl_ms))
-        await asyncio.gather(self._load_for(granted, tokens, futures), *waits)
+                waits.append(self._wait(lookup, future, events.get(lookup.key), lease.pttl_ms, generation))
+        await asyncio.gather(self._load_for(granted, tokens, futures, generation), *waits)
 
     async def _load_for(
-        self, lookups: list[Lookup], tokens: dict[str, str], futures: dict[str, asyncio.Future[Resolved]]
+        self,
+        lookups: list[Lookup],
+        tokens: dict[str, str],
+        futures: dict[str, asyncio.Future[Resolved]],
+        generation: int,
     ) -> None:
         try:
-            answers, _ = await self.load_and_fill(lookups, tokens)
+            answers, _ = await self.load_and_fill(lookups, tokens, generation)
         except Exception as exc:
             for lookup in lookups:
                 futures[lookup.key].set_exception(exc)
@@ -202,7 +213,12 @@ class LeaseFlights:
             futures[lookup.key].set_result(answers[lookup.key])
 
     async def _wait(
-        self, lookup: Lookup, future: asyncio.Future[Resolved], event: asyncio.Event | None, pttl_ms: int
+        self,
+        lookup: Lookup,
+        future: asyncio.Future[Resolved],
+        event: asyncio.Event | None,
+        pttl_ms: int,
+        generation: int,
     ) -> None:
         # Another caller holds the lease. Wait for its fill (the event was registered before the
         # lease check, so a fill in between still wakes us), check again, and take the lease over
@@ -220,7 +236,9 @@ class LeaseFlights:
                 event.clear()
             request = LeaseRequest(lookup.key, token, lookup.family.tags)
             try:
-                [lease] = await self._store.lease([request], lease_ms=self._lease_ms, now_ms=self._now_ms())
+                [lease] = await self._store.lease(
+                    [request], lease_ms=self._lease_ms, now_ms=self._now_ms(), generation=generation
+                )
             except CacheUnavailable:
                 await self._bypass([lookup], {lookup.key: future})
                 return
@@ -228,7 +246,7 @@ class LeaseFlights:
                 future.set_result(_from_cache(lease.value, Outcome.MISS))
                 return
             if lease.kind is LeaseKind.GRANTED:
-                await self._load_for([lookup], {lookup.key: token}, {lookup.key: future})
+                await self._load_for([lookup], {lookup.key: token}, {lookup.key: future}, generation)
                 return
             if lease.kind is LeaseKind.ERROR:
                 future.set_exception(RecentLoadFailure(lookup.key, lease.pttl_ms))

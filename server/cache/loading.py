@@ -35,7 +35,7 @@ class TtlPolicy:
     uniform: Callable[[float, float], float] = random.uniform
 
     def fill(
-        self, lookup: Lookup, payload: bytes | None, *, load_ms: int, now_ms: int, token: str
+        self, lookup: Lookup, payload: bytes | None, *, generation: int, load_ms: int, now_ms: int, token: str
     ) -> Fill | None:
         """The fill for a loaded payload, or None when it should not be cached (negative caching off)."""
         if payload is None:
@@ -44,7 +44,9 @@ class TtlPolicy:
             fresh_ms, keep_ms = self._jittered(self.negative_ttl_ms), 0
         else:
             fresh_ms, keep_ms = self._jittered(lookup.family.ttl_s * 1000), self.max_stale_ms
-        value = envelope.pack(payload, load_ms=load_ms, expires_at_ms=now_ms + fresh_ms)
+        value = envelope.pack(
+            payload, generation=generation, load_ms=load_ms, expires_at_ms=now_ms + fresh_ms
+        )
         return Fill(lookup.key, value, fresh_ms + keep_ms, lookup.family.tags, token)
 
     def _jittered(self, ttl_ms: int) -> int:

@@ -10,26 +10,30 @@ from __future__ import annotations
 LEASE_SUFFIX = ":lease"
 ERROR_MARK = "!error"  # a lease value: the last load failed; callers back off until it expires
 
-# Big-endian u64 at bytes 6..13 of the envelope header (1-based in Lua): when the value goes stale.
-_EXPIRES_AT = """
-local function expires_at(value)
-  if #value < 13 then return 0 end
+# The envelope header (see envelope.py), 1-based in Lua: generation is the big-endian u32 at bytes
+# 2..5, expires_at_ms the big-endian u64 at bytes 10..17.
+_HEADER = """
+local function be(value, first, last)
   local n = 0
-  for i = 6, 13 do n = n * 256 + string.byte(value, i) end
+  for i = first, last do n = n * 256 + string.byte(value, i) end
   return n
+end
+local function usable(value, generation, now)
+  return #value >= 17 and be(value, 2, 5) == generation and be(value, 10, 17) > now
 end
 """
 
 # KEYS[1]: value key, KEYS[2]: lease key, KEYS[3..]: tag sets. ARGV[1]: token, ARGV[2]: lease ms,
-# ARGV[3]: now ms, ARGV[4]: '1' to take a lease even if the value is fresh (refresh, warming).
+# ARGV[3]: now ms, ARGV[4]: '1' to take a lease even if the value is fresh (refresh, warming),
+# ARGV[5]: the namespace generation the caller read (a value of another generation is not fresh).
 # Returns {'value', bytes} if fresh, {'granted', ''}, {'wait', pttl} or {'error', pttl}.
 # The key joins its tags at lease time, so a tag invalidation during the load voids the lease too.
 LEASE = (
-    _EXPIRES_AT
+    _HEADER
     + """
 if ARGV[4] ~= '1' then
   local value = redis.call('GET', KEYS[1])
-  if value and expires_at(value) > tonumber(ARGV[3]) then
+  if value and usable(value, tonumber(ARGV[5]), tonumber(ARGV[3])) then
     return {'value', value}
   end
 end

@@ -27,6 +27,7 @@ _T = TypeVar("_T")
 _Arg = bytes | str | int
 _FAILURE_LOG_INTERVAL_S = 5.0
 FILL_CHANNEL = "fills"
+GENERATION_KEY = "generation"  # bumped to invalidate everything at once
 
 
 class CacheUnavailable(Exception):
@@ -88,6 +89,7 @@ class RedisStore:
         self.redis = redis
         self.prefix = prefix
         self.channel = prefix + FILL_CHANNEL
+        self._generation_key = prefix + GENERATION_KEY
         self.stats = StoreStats()
         self.breaker = CircuitBreaker(
             failure_threshold=breaker_failures, cooldown_s=breaker_cooldown_s, probe=redis.ping
@@ -134,14 +136,23 @@ class RedisStore:
         """Whether Redis is currently being used."""
         return self.breaker.state
 
-    async def mget(self, keys: Sequence[str]) -> list[bytes | None]:
-        """The raw values of keys, None where absent; one round trip."""
-        prefixed = [self.prefix + key for key in keys]
+    async def mget(self, keys: Sequence[str]) -> tuple[int, list[bytes | None]]:
+        """The namespace generation and the raw values of keys (None where absent), in one round trip."""
+        prefixed = [self._generation_key, *(self.prefix + key for key in keys)]
         # Without decode_responses the client returns bytes, never str.
-        return cast(list[bytes | None], await self._guarded(lambda: self.redis.mget(prefixed)))
+        values = cast(list[bytes | None], await self._guarded(lambda: self.redis.mget(prefixed)))
+        return int(values[0] or 0), values[1:]
+
+    async def generation(self) -> int:
+        """The namespace generation: entries written in another one are ignored."""
+        return int(await self._guarded(lambda: self.redis.get(self._generation_key)) or 0)
+
+    async def bump_generation(self) -> int:
+        """Invalidate every key at once, in O(1): returns the new generation."""
+        return int(await self._guarded(lambda: self.redis.incr(self._generation_key)))
 
     async def lease(
-        self, requests: Sequence[LeaseRequest], *, lease_ms: int, now_ms: int
+        self, requests: Sequence[LeaseRequest], *, lease_ms: int, now_ms: int, generation: int
     ) -> list[LeaseResult]:
         """Ask for many leases in one pipelined round trip."""
 
@@ -150,7 +161,13 @@ class RedisStore:
                 for request in requests:
                     key = self.prefix + request.key
                     keys = [key, key + scripts.LEASE_SUFFIX, *(self.prefix + tag for tag in request.tags)]
-                    args: list[_Arg] = [request.token, lease_ms, now_ms, "1" if request.force else "0"]
+                    args: list[_Arg] = [
+                        request.token,
+                        lease_ms,
+                        now_ms,
+                        "1" if request.force else "0",
+                        generation,
+                    ]
                     await self._lease(keys=keys, args=args, client=pipe)
                 return await pipe.execute()
 
