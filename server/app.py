@@ -18,6 +18,7 @@ from server.domain.catalog import build_catalog
 from server.domain.keys import key_prefix
 from server.domain.queries import Queries
 from server.embedded_redis import EmbeddedRedis
+from server.invalidator import OutboxInvalidator
 from server.service import SERVICE_NAME, CacheService
 from server.warming import Warmer
 
@@ -34,6 +35,7 @@ class App:
     warmer: Warmer
     database: AsyncEngine
     settings: Settings
+    invalidator: OutboxInvalidator | None = None
     startup_warm: asyncio.Task[None] | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -42,6 +44,8 @@ class App:
         if self.engine.notifier is not None:
             self.engine.notifier.start()
         await self.server.start()
+        if self.invalidator is not None:
+            self._tasks.append(asyncio.create_task(self.invalidator.run()))
         if self.settings.warm_on_start:
             # In the background: the port is open and serving while warming runs.
             self.startup_warm = asyncio.create_task(self.warmer.warm_logged())
@@ -54,8 +58,9 @@ class App:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.server.stop(self.settings.shutdown_grace_s if grace_s is None else grace_s)
-        await self.engine.close()
+        grace_s = self.settings.shutdown_grace_s if grace_s is None else grace_s
+        await self.server.stop(grace_s)
+        await self.engine.close(grace_s)
         if self.engine.notifier is not None:
             await self.engine.notifier.close()
         await self.engine.store.close()
@@ -113,7 +118,24 @@ def create_app(settings: Settings, *, redis_url: str | None = None) -> App:
     port = server.add_insecure_port(settings.listen)
     if port == 0:
         raise RuntimeError(f"could not listen on {settings.listen}")
-    return App(server=server, port=port, engine=engine, warmer=warmer, database=database, settings=settings)
+    invalidator = None
+    if settings.auto_invalidate and not db.is_sqlite(settings.database_url):
+        invalidator = OutboxInvalidator(
+            db.asyncpg_dsn(settings.database_url),
+            schema=settings.database_schema or "public",
+            engine=engine,
+            poll_interval_s=settings.outbox_poll_ms / 1000,
+            batch_size=settings.outbox_batch,
+        )
+    return App(
+        server=server,
+        port=port,
+        engine=engine,
+        warmer=warmer,
+        database=database,
+        settings=settings,
+        invalidator=invalidator,
+    )
 
 
 async def serve(settings: Settings, *, demo: bool = False) -> None:

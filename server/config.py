@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./cacheaside.db"
@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     xfetch_beta_hot: float = Field(default=1.0, ge=0)
     xfetch_beta_warm: float = Field(default=1.0, ge=0)
     xfetch_beta_cold: float = Field(default=1.0, ge=0)
+    auto_invalidate: bool = True
+    outbox_poll_ms: int = Field(default=1000, gt=0)
+    outbox_batch: int = Field(default=500, gt=0)
     warm_on_start: bool = True
     warm_interval_s: int = Field(default=0, ge=0)
     warm_posts: int = Field(default=20, gt=0)
@@ -61,6 +64,16 @@ class Settings(BaseSettings):
     warm_active_within_s: int = Field(default=86400, gt=0)
     shutdown_grace_s: float = Field(default=5.0, ge=0)
     log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _lease_outlives_a_load(self) -> Settings:
+        # A lease shorter than a load would let a second instance take over a live holder's key.
+        if self.lease_ttl_ms <= self.db_timeout_ms:
+            raise ValueError(
+                f"CACHEASIDE_LEASE_TTL_MS ({self.lease_ttl_ms}) must exceed CACHEASIDE_DB_TIMEOUT_MS "
+                f"({self.db_timeout_ms}), or a slow load would be taken over while it still runs"
+            )
+        return self
 
     @field_validator("family_tiers", mode="before")
     @classmethod

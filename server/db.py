@@ -45,6 +45,11 @@ def create_engine(settings: Settings) -> AsyncEngine:
     )
 
 
+def asyncpg_dsn(url: str) -> str:
+    """A SQLAlchemy PostgreSQL URL as a plain libpq DSN, for connections outside SQLAlchemy."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
 def _checked_schema(name: str) -> str:
     if not _SCHEMA_NAME.match(name):
         raise ValueError(f"CACHEASIDE_DATABASE_SCHEMA {name!r} must be a plain SQL identifier")

@@ -18,7 +18,7 @@ from google.protobuf.message import Message
 
 from client.proto.cacheaside.v1 import cache_service_pb2 as pb
 from server import wire
-from server.cache import CacheEngine, CacheUnavailable, Family, LoadTimeout, RecentLoadFailure
+from server.cache import CacheEngine, CacheUnavailable, Family, FlightTimeout, LoadTimeout, RecentLoadFailure
 from server.domain import invalidation
 from server.domain.catalog import Catalog
 from server.domain.keys import TAGS
@@ -245,6 +245,13 @@ def _guarded(handler: Handler) -> Handler:
                 f"the database did not answer within {exc.timeout_s * 1000:.0f} ms; retry later",
                 reason="DATABASE_TIMEOUT",
             )
+        except FlightTimeout as exc:
+            failure = DatabaseUnavailable(
+                f"the shared load did not finish within {exc.timeout_s:.1f} s; retry later",
+                reason="LOAD_TIMEOUT",
+            )
+        except CacheUnavailable as exc:  # only where the cache itself was needed (shutdown, bad bytes)
+            failure = CacheUnavailableForWrite(f"the cache cannot answer: {exc}; retry later")
         except RecentLoadFailure as exc:
             failure = DatabaseUnavailable(
                 f"the database failed moments ago and no stale copy is cached; retry in {exc.retry_in_ms} ms",

@@ -123,6 +123,7 @@ def settings(database: Database, redis_url: str) -> Settings:
         key_prefix=f"test-{RUN_ID}-{next(_prefix_counter)}",
         listen="127.0.0.1:0",
         warm_on_start=False,
+        auto_invalidate=False,  # tests of automatic invalidation turn it on
         shutdown_grace_s=0,
     )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -46,6 +46,13 @@ async def until(condition: Callable[[], bool], *, timeout_s: float = 10.0) -> No
     async with asyncio.timeout(timeout_s):
         while not condition():  # noqa: ASYNC110  (the condition is a counter, not an event we own)
             await asyncio.sleep(0.001)
+
+
+async def until_async(condition: Callable[[], Awaitable[object]], *, timeout_s: float = 10.0) -> None:
+    """Like until, for a condition that must be awaited (a Redis lookup)."""
+    async with asyncio.timeout(timeout_s):
+        while not await condition():  # noqa: ASYNC110  (polls Redis, which has no event to await)
+            await asyncio.sleep(0.005)
 
 
 def ttl_band_ms(settings: Settings, tier: Tier) -> tuple[int, int]:

@@ -7,6 +7,7 @@ and its fill; nothing here depends on timing luck.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -20,7 +21,7 @@ from server.cache import CacheEngine
 from server.config import Settings, Tier
 from tests.conftest import Running, start_service, stop_service
 from tests.data import add_post, add_user, set_post, set_user
-from tests.helpers import call, error_of, freshness_ms, ttl_band_ms, until
+from tests.helpers import call, error_of, freshness_ms, ttl_band_ms, until, until_async
 
 
 class LoadGate:
@@ -234,3 +235,57 @@ async def test_ttls_are_jittered_within_the_setting(
     low, high = ttl_band_ms(service.app.settings, Tier.WARM)
     assert all(low <= ttl <= high for ttl in fresh)
     assert max(fresh) - min(fresh) > 0.5 * (high - low) / 2, "warmed keys must not all expire together"
+
+
+async def test_a_read_after_invalidate_never_joins_the_load_it_voided(
+    service: Running, db_engine: AsyncEngine
+) -> None:
+    await add_user(db_engine, "alice")
+    await add_post(db_engine, "p1", "alice", title="version 1")
+    gate = LoadGate(service.app.engine, "post:p1")
+    first = asyncio.create_task(call(service.stub.GetPost, pb.GetPostRequest(post_id="p1")))
+    await gate.loaded.wait()  # version 1 loaded, not yet filled
+    await set_post(db_engine, "p1", title="version 2")
+    await call(service.stub.Invalidate, pb.InvalidateRequest(post_ids=["p1"]))
+    gate.proceed.set()  # later loads pass the gate
+    after, _ = await call(service.stub.GetPost, pb.GetPostRequest(post_id="p1"))
+    assert after.post.title == "version 2", "a read that began after Invalidate returned"
+    before, _ = await first
+    assert before.post.title == "version 1"
+
+
+async def test_an_answered_key_is_not_reused_while_its_batch_still_waits(
+    service: Running, db_engine: AsyncEngine, redis_client: aioredis.Redis
+) -> None:
+    await add_user(db_engine, "alice")
+    await add_post(db_engine, "a", "alice", title="a version 1")
+    await add_post(db_engine, "b", "alice")
+    foreign_lease = service.prefix + "post:b:lease"
+    await redis_client.set(foreign_lease, "another-instance", px=30_000)  # b is being loaded elsewhere
+    batch = asyncio.create_task(
+        call(service.stub.BatchGetPosts, pb.BatchGetPostsRequest(post_ids=["a", "b"]))
+    )
+    await until_async(lambda: redis_client.exists(service.prefix + "post:a"))  # a is answered and filled
+    await set_post(db_engine, "a", title="a version 2")
+    await call(service.stub.Invalidate, pb.InvalidateRequest(post_ids=["a"]))
+    after, _ = await call(service.stub.GetPost, pb.GetPostRequest(post_id="a"))
+    assert after.post.title == "a version 2"
+    await redis_client.delete(foreign_lease)  # the other instance gives up: the batch takes over b
+    response, _ = await batch
+    assert [post.id for post in response.posts] == ["a", "b"]
+
+
+async def test_shutdown_releases_the_leases_of_loads_it_cancels(
+    settings: Settings, db_engine: AsyncEngine, redis_client: aioredis.Redis
+) -> None:
+    await add_user(db_engine, "alice")
+    await add_post(db_engine, "p1", "alice")
+    running = await start_service(settings)
+    gate = LoadGate(running.app.engine, "post:p1")
+    pending = asyncio.ensure_future(running.stub.GetPost(pb.GetPostRequest(post_id="p1")))
+    await gate.loaded.wait()
+    assert await redis_client.exists(running.prefix + "post:p1:lease")
+    await stop_service(running)  # grace 0: the paused load is cancelled
+    assert not await redis_client.exists(running.prefix + "post:p1:lease"), "others must not wait it out"
+    with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):  # its channel was closed
+        await pending

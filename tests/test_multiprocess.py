@@ -71,7 +71,9 @@ async def test_500_calls_over_4_processes_load_once(
 ) -> None:
     await add_user(db_engine, "alice")
     await add_post(db_engine, "hot", "alice", title="the hot post")
-    shared = settings.model_copy(update={"db_timeout_ms": 30_000, "lease_ttl_ms": 30_000})
+    shared = settings.model_copy(
+        update={"db_timeout_ms": 30_000, "lease_ttl_ms": 31_000, "redis_timeout_ms": 2000}
+    )
     with servers(shared, 4) as processes:
         channels = [grpc.aio.insecure_channel(p.target) for p in processes]
         stubs = [pb_grpc.CacheServiceStub(channel) for channel in channels]
@@ -97,7 +99,9 @@ async def test_a_lease_holder_killed_mid_load_is_taken_over(
 ) -> None:
     await add_user(db_engine, "alice")
     await add_post(db_engine, "p1", "alice", title="survivor")
-    shared = settings.model_copy(update={"lease_ttl_ms": LEASE_TTL_MS, "db_timeout_ms": 10_000})
+    shared = settings.model_copy(
+        update={"lease_ttl_ms": LEASE_TTL_MS, "db_timeout_ms": 1000, "redis_timeout_ms": 2000}
+    )
     lease_key = key_prefix(settings.key_prefix) + "post:p1:lease"
     with servers(shared, 2) as (doomed, survivor):
         async with grpc.aio.insecure_channel(doomed.target) as doomed_channel:

@@ -6,6 +6,7 @@ without being stopped under other tests. Entries are aged with the engine's cloc
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
@@ -18,7 +19,7 @@ from client.proto.cacheaside.v1 import cache_service_pb2 as pb
 from server.config import Settings
 from tests.conftest import Database, Running, start_service, stop_service
 from tests.data import add_post, add_user, set_post
-from tests.helpers import call, error_of
+from tests.helpers import call, error_of, until
 from tests.tcp_proxy import ProxyMode, TcpProxy
 
 
@@ -111,3 +112,20 @@ async def test_after_a_failed_load_other_callers_back_off_instead_of_piling_on(
         assert running.app.engine.stats.loads == loads, "no new load while the error mark stands"
     finally:
         await stop_service(running)
+
+
+async def test_a_copy_invalidated_while_its_reload_fails_is_not_served_stale(
+    behind_proxy: Running, db_engine: AsyncEngine, proxy: TcpProxy
+) -> None:
+    await add_user(db_engine, "alice")
+    await add_post(db_engine, "p1", "alice")
+    engine = behind_proxy.app.engine
+    await call(behind_proxy.stub.GetPost, pb.GetPostRequest(post_id="p1"))
+    now = engine.clock() + 70
+    engine.clock = lambda: now
+    proxy.set_mode(ProxyMode.BLACKHOLE)  # the reload will hang until its 500 ms timeout
+    reader = asyncio.create_task(error_of(behind_proxy.stub.GetPost, pb.GetPostRequest(post_id="p1")))
+    await until(lambda: engine.stats.loads >= 2)  # the reader holds the expired copy and is loading
+    await call(behind_proxy.stub.Invalidate, pb.InvalidateRequest(post_ids=["p1"]))
+    code, _, _ = await reader
+    assert code == grpc.StatusCode.UNAVAILABLE, "the copy was invalidated: serving it would undo that"

@@ -3,7 +3,7 @@
 from server.cache.engine import CacheEngine
 from server.cache.notify import FillNotifier
 from server.cache.store import CacheUnavailable, RedisStore
-from server.cache.types import Family, Fetched, LoadTimeout, Outcome, RecentLoadFailure
+from server.cache.types import Family, Fetched, FlightTimeout, LoadTimeout, Outcome, RecentLoadFailure
 
 __all__ = [
     "CacheEngine",
@@ -11,6 +11,7 @@ __all__ = [
     "Family",
     "Fetched",
     "FillNotifier",
+    "FlightTimeout",
     "LoadTimeout",
     "Outcome",
     "RecentLoadFailure",

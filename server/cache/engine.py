@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from server.cache import envelope
-from server.cache.flights import LeaseFlights, Result
+from server.cache.flights import BYPASS, LeaseFlights, Result
 from server.cache.loading import Loading, Lookup, TtlPolicy
 from server.cache.notify import FillNotifier
 from server.cache.store import CacheUnavailable, LeaseKind, LeaseRequest, RedisStore
@@ -79,7 +79,7 @@ class CacheEngine:
         now_ms = self._now_ms()
         payloads: list[bytes | None] = [None] * len(lookups)
         misses: dict[str, Lookup] = {}
-        stale: dict[str, envelope.Envelope] = {}
+        stale: dict[str, bytes] = {}
         pending: list[int] = []
         for index, (lookup, raw) in enumerate(zip(lookups, raws, strict=True)):
             entry = envelope.unpack(raw) if raw is not None else None
@@ -91,8 +91,8 @@ class CacheEngine:
                     self._refresh_early(lookup, generation)
                 continue
             misses.setdefault(lookup.key, lookup)
-            if entry is not None:
-                stale[lookup.key] = entry
+            if entry is not None and raw is not None:
+                stale[lookup.key] = raw
             pending.append(index)
         if not misses:
             self.stats.hits += 1
@@ -104,7 +104,7 @@ class CacheEngine:
             if self.leases
             else self._plain(misses_list, generation)
         )
-        answers = {key: _or_stale(result, stale.get(key)) for key, result in results.items()}
+        answers = await self._answers(results, stale)
         for index in pending:
             payloads[index] = answers[lookups[index].key].payload
         outcomes = [answer.outcome for answer in answers.values()]
@@ -118,6 +118,27 @@ class CacheEngine:
         else:
             self.stats.misses += 1
         return Fetched(payloads, outcome)
+
+    async def _answers(self, results: dict[str, Result], stale: dict[str, bytes]) -> dict[str, Resolved]:
+        # Stale-if-error: a key whose load failed answers with the expired copy read before, but only
+        # if that copy is still what Redis holds, so an invalidation since then is never undone.
+        failed = {key: result for key, result in results.items() if not isinstance(result, Resolved)}
+        unchanged: set[str] = set()
+        candidates = [key for key in failed if key in stale and isinstance(failed[key], Exception)]
+        if candidates:
+            with contextlib.suppress(CacheUnavailable):
+                _, current = await self.store.mget(candidates)
+                unchanged = {key for key, raw in zip(candidates, current, strict=True) if raw == stale[key]}
+        answers: dict[str, Resolved] = {}
+        for key, result in results.items():
+            if isinstance(result, Resolved):
+                answers[key] = result
+            elif key in unchanged:
+                entry = envelope.unpack(stale[key])
+                answers[key] = Resolved(entry.payload if entry else None, Outcome.STALE)
+            else:
+                raise result
+        return answers
 
     async def refresh(self, family: Family, ids: Sequence[str]) -> int:
         """Reload ids and write them under fresh leases (warming); returns how many were written.
@@ -140,7 +161,10 @@ class CacheEngine:
 
     async def invalidate(self, keys: Sequence[str], tags: Sequence[str]) -> int:
         """Delete keys, their leases, and every key in the tags, atomically. Raises CacheUnavailable."""
-        return await self.store.invalidate(keys, tags)
+        deleted = await self.store.invalidate(keys, tags)
+        # Other processes drop their flights when the script's message reaches them; this one at once.
+        self._flights.forget(keys, tags)
+        return deleted
 
     async def invalidate_everything(self) -> int:
         """Bump the namespace generation: every entry is invalid at once, O(1). Returns the new one."""
@@ -150,9 +174,9 @@ class CacheEngine:
         """Wait for background loads and early refreshes under way to finish."""
         await self._flights.drain()
 
-    async def close(self) -> None:
-        """Stop background flights and refreshes."""
-        await self._flights.close()
+    async def close(self, grace_s: float = 0.0) -> None:
+        """Let background loads finish for up to grace_s, then stop them (releasing their leases)."""
+        await self._flights.close(grace_s)
 
     def _xfetch_due(self, family: Family, entry: envelope.Envelope, now_ms: int) -> bool:
         # XFetch (Vattani et al., VLDB 2015): refresh early with a probability that rises towards
@@ -200,13 +224,16 @@ class CacheEngine:
 
     async def _bypass(self, lookups: Sequence[Lookup]) -> Fetched:
         self.stats.bypasses += 1
+        if self.leases:  # Redis is down, but one process still sends one load per key
+            unique = list({lookup.key: lookup for lookup in lookups}.values())
+            results = await self._flights.resolve(unique, BYPASS)
+            answers = {key: _raise_failure(result) for key, result in results.items()}
+            return Fetched([answers[lookup.key].payload for lookup in lookups], Outcome.BYPASS)
         loaded, _ = await self._loading.load(lookups)
         return Fetched([loaded[lk.family].get(lk.item_id) for lk in lookups], Outcome.BYPASS)
 
 
-def _or_stale(result: Result, stale: envelope.Envelope | None) -> Resolved:
+def _raise_failure(result: Result) -> Resolved:
     if isinstance(result, Resolved):
         return result
-    if stale is None or not isinstance(result, Exception):
-        raise result
-    return Resolved(stale.payload, Outcome.STALE)  # stale-if-error: the database failed or was too slow
+    raise result

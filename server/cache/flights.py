@@ -4,29 +4,34 @@ In a process, callers of a missing key share one flight (an asyncio task). The f
 the key's lease: the holder loads from the database and fills with a compare-and-set on its token;
 the others wait for that fill (woken by pub/sub, bounded by a back-off) and read it. A flight runs in
 its own task with its own timeout, so a caller that gives up (its deadline) never cancels the load
-the others are waiting for.
+the others are waiting for. A flight is joinable only until its own key is answered or invalidated,
+so a read that starts after an invalidation never receives a value loaded before it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any
 
 from server.cache import envelope
 from server.cache.loading import Loading, Lookup, TtlPolicy
 from server.cache.notify import FillNotifier
-from server.cache.store import CacheUnavailable, LeaseKind, LeaseRequest, RedisStore
-from server.cache.types import EngineStats, Outcome, RecentLoadFailure, Resolved
+from server.cache.store import CacheUnavailable, LeaseKind, LeaseRequest, LeaseResult, RedisStore
+from server.cache.types import EngineStats, FlightTimeout, Outcome, RecentLoadFailure, Resolved
 
 _LOGGER = logging.getLogger(__name__)
 _FIRST_WAIT_S = 0.02
 _MAX_WAIT_S = 0.25
+_MIN_WAIT_S = 0.001  # never a zero wait: a lease in its last millisecond reports a PTTL of 0
+BYPASS = -1  # the generation of flights that skip Redis: single-flight still applies
 
 Result = Resolved | BaseException
+_Entry = tuple[asyncio.Future[Resolved], Lookup]
 
 
 def _consume(future: asyncio.Future[Resolved]) -> None:
@@ -61,27 +66,42 @@ class LeaseFlights:
         # A waiter may wait out a dead holder's lease, then load itself.
         self._flight_timeout_s = lease_ms / 1000 + loading.timeout_s + 1.0
         # Keyed by generation too: a read after invalidate-everything never joins an older load.
-        self._flights: dict[tuple[str, int], asyncio.Future[Resolved]] = {}
+        self._flights: dict[tuple[str, int], _Entry] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        if notifier is not None:
+            notifier.on_invalidated = lambda key: self.forget([key], ())
 
     def in_flight(self, key: str, generation: int) -> bool:
         """Whether this process is already resolving key in this generation."""
         return (key, generation) in self._flights
 
+    def forget(self, keys: Iterable[str], tags: Iterable[str]) -> None:
+        """Invalidated: later callers of these keys (or keys in these tags) start a new flight."""
+        keys, tags = set(keys), set(tags)
+        for flight_key, (_, lookup) in list(self._flights.items()):
+            if lookup.key in keys or tags.intersection(lookup.family.tags):
+                del self._flights[flight_key]
+
     async def resolve(self, lookups: Sequence[Lookup], generation: int) -> dict[str, Result]:
-        """Each key's answer, or the exception its load ended with; joins flights already under way."""
+        """Each key's answer, or the exception its load ended with; joins flights already under way.
+
+        With generation BYPASS (Redis is down) the flight loads straight from the database.
+        """
         loop = asyncio.get_running_loop()
         futures: dict[str, asyncio.Future[Resolved]] = {}
         new: list[Lookup] = []
         for lookup in lookups:
             self._stats.flight_callers += 1
-            future = self._flights.get((lookup.key, generation))
-            if future is None:
+            flight_key = (lookup.key, generation)
+            entry = self._flights.get(flight_key)
+            if entry is None:
                 future = loop.create_future()
                 future.add_done_callback(_consume)
-                self._flights[lookup.key, generation] = future
+                future.add_done_callback(functools.partial(self._settled, flight_key))
+                self._flights[flight_key] = (future, lookup)
                 new.append(lookup)
             else:
+                future = entry[0]
                 self._stats.coalesced += 1
             futures[lookup.key] = future
         if new:
@@ -90,16 +110,26 @@ class LeaseFlights:
         results = await asyncio.gather(*(asyncio.shield(f) for f in futures.values()), return_exceptions=True)
         return dict(zip(futures, results, strict=True))
 
+    def _settled(self, flight_key: tuple[str, int], future: asyncio.Future[Resolved]) -> None:
+        # Answered: later callers must look at Redis again, not reuse this answer.
+        entry = self._flights.get(flight_key)
+        if entry is not None and entry[0] is future:
+            del self._flights[flight_key]
+
     async def load_and_fill(
         self, lookups: Sequence[Lookup], tokens: dict[str, str], generation: int
     ) -> tuple[dict[str, Resolved], int]:
         """Load keys whose leases we hold and fill them under their tokens; returns answers, fills written."""
         if not lookups:
             return {}, 0
+        held = [(lookup.key, tokens[lookup.key]) for lookup in lookups]
         try:
             loaded, load_ms = await self._loading.load(lookups)
         except Exception:
-            await self._release_quietly([(lookup.key, tokens[lookup.key]) for lookup in lookups])
+            await self._release_quietly(held, error_ms=self._error_backoff_ms)
+            raise
+        except BaseException:  # cancelled (shutdown): free the leases so others need not wait them out
+            await asyncio.shield(self._release_quietly(held, error_ms=0))
             raise
         now_ms = self._now_ms()
         answers: dict[str, Resolved] = {}
@@ -113,7 +143,7 @@ class LeaseFlights:
                 lookup, payload, generation=generation, load_ms=max(load_ms, 1), now_ms=now_ms, token=token
             )
             if fill is None:
-                unfilled.append((lookup.key, tokens[lookup.key]))
+                unfilled.append((lookup.key, token))
             else:
                 fills.append(fill)
         try:
@@ -137,8 +167,11 @@ class LeaseFlights:
         while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def close(self) -> None:
-        """Cancel flights and refreshes still running (at shutdown)."""
+    async def close(self, grace_s: float) -> None:
+        """Let flights finish for up to grace_s (their leases are released either way), then cancel."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace_s):
+                await self.drain()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -146,23 +179,23 @@ class LeaseFlights:
     async def _fly(
         self, lookups: list[Lookup], futures: dict[str, asyncio.Future[Resolved]], generation: int
     ) -> None:
-        events = (
-            {lookup.key: self._notifier.expect(lookup.key) for lookup in lookups} if self._notifier else {}
-        )
+        events = {}
+        if self._notifier is not None and generation != BYPASS:
+            events = {lookup.key: self._notifier.expect(lookup.key) for lookup in lookups}
         try:
             async with asyncio.timeout(self._flight_timeout_s):
-                await self._lead(lookups, futures, events, generation)
-        except BaseException as exc:  # settle every future, even on cancellation at shutdown
-            failure = exc if isinstance(exc, Exception) else CacheUnavailable("the service is shutting down")
-            for future in futures.values():
-                if not future.done():
-                    future.set_exception(failure)
-            if not isinstance(exc, Exception):
-                raise
+                if generation == BYPASS:
+                    await self._bypass(lookups, futures)
+                else:
+                    await self._lead(lookups, futures, events, generation)
+        except TimeoutError:
+            _settle(futures, FlightTimeout(self._flight_timeout_s))
+        except Exception as exc:
+            _settle(futures, exc)
+        except BaseException:  # cancelled at shutdown: nobody may wait forever
+            _settle(futures, CacheUnavailable("the service is shutting down"))
+            raise
         finally:
-            for key, future in futures.items():
-                if self._flights.get((key, generation)) is future:
-                    del self._flights[key, generation]
             for key, event in events.items():
                 self._notifier.forget(key, event)  # type: ignore[union-attr]  # events imply a notifier
 
@@ -176,9 +209,7 @@ class LeaseFlights:
         tokens = {lookup.key: secrets.token_hex(8) for lookup in lookups}
         requests = [LeaseRequest(lk.key, tokens[lk.key], lk.family.tags) for lk in lookups]
         try:
-            leases = await self._store.lease(
-                requests, lease_ms=self._lease_ms, now_ms=self._now_ms(), generation=generation
-            )
+            leases = await self._lease(requests, generation)
         except CacheUnavailable:
             await self._bypass(lookups, futures)
             return
@@ -186,15 +217,25 @@ class LeaseFlights:
         waits = []
         for lookup, lease in zip(lookups, leases, strict=True):
             future = futures[lookup.key]
-            if lease.kind is LeaseKind.VALUE:
-                future.set_result(_from_cache(lease.value, Outcome.HIT))
-            elif lease.kind is LeaseKind.GRANTED:
+            if lease.kind is LeaseKind.GRANTED:
                 granted.append(lookup)
-            elif lease.kind is LeaseKind.ERROR:
-                future.set_exception(RecentLoadFailure(lookup.key, lease.pttl_ms))
-            else:
+            elif lease.kind is LeaseKind.WAIT:
                 waits.append(self._wait(lookup, future, events.get(lookup.key), lease.pttl_ms, generation))
+            else:
+                _answer(future, lookup, lease, Outcome.HIT)
         await asyncio.gather(self._load_for(granted, tokens, futures, generation), *waits)
+
+    async def _lease(self, requests: list[LeaseRequest], generation: int) -> list[LeaseResult]:
+        try:
+            return await self._store.lease(
+                requests, lease_ms=self._lease_ms, now_ms=self._now_ms(), generation=generation
+            )
+        except CacheUnavailable:
+            # The reply may have timed out after Redis granted the leases: give them back, or other
+            # instances would wait a whole lease TTL for a fill that never comes.
+            held = [(request.key, request.token) for request in requests]
+            self.spawn(self._release_quietly(held, error_ms=0))
+            raise
 
     async def _load_for(
         self,
@@ -206,8 +247,7 @@ class LeaseFlights:
         try:
             answers, _ = await self.load_and_fill(lookups, tokens, generation)
         except Exception as exc:
-            for lookup in lookups:
-                futures[lookup.key].set_exception(exc)
+            _settle({lookup.key: futures[lookup.key] for lookup in lookups}, exc)
             return
         for lookup in lookups:
             futures[lookup.key].set_result(answers[lookup.key])
@@ -225,7 +265,7 @@ class LeaseFlights:
         # if the holder died and its lease expired.
         self._stats.lease_waits += 1
         token = secrets.token_hex(8)
-        wait_s = min(_FIRST_WAIT_S, pttl_ms / 1000)
+        wait_s = max(_MIN_WAIT_S, min(_FIRST_WAIT_S, pttl_ms / 1000))
         while True:
             if event is None:
                 await asyncio.sleep(wait_s)
@@ -234,45 +274,51 @@ class LeaseFlights:
                     async with asyncio.timeout(wait_s):
                         await event.wait()
                 event.clear()
-            request = LeaseRequest(lookup.key, token, lookup.family.tags)
             try:
-                [lease] = await self._store.lease(
-                    [request], lease_ms=self._lease_ms, now_ms=self._now_ms(), generation=generation
-                )
+                [lease] = await self._lease([LeaseRequest(lookup.key, token, lookup.family.tags)], generation)
             except CacheUnavailable:
                 await self._bypass([lookup], {lookup.key: future})
-                return
-            if lease.kind is LeaseKind.VALUE:
-                future.set_result(_from_cache(lease.value, Outcome.MISS))
                 return
             if lease.kind is LeaseKind.GRANTED:
                 await self._load_for([lookup], {lookup.key: token}, {lookup.key: future}, generation)
                 return
-            if lease.kind is LeaseKind.ERROR:
-                future.set_exception(RecentLoadFailure(lookup.key, lease.pttl_ms))
+            if lease.kind is not LeaseKind.WAIT:
+                _answer(future, lookup, lease, Outcome.MISS)  # the fill we waited for, or its failure
                 return
-            wait_s = min(wait_s * 2, _MAX_WAIT_S, max(lease.pttl_ms, 1) / 1000)
+            wait_s = max(_MIN_WAIT_S, min(wait_s * 2, _MAX_WAIT_S, lease.pttl_ms / 1000))
 
     async def _bypass(self, lookups: list[Lookup], futures: dict[str, asyncio.Future[Resolved]]) -> None:
-        # Redis failed mid-flight: answer from the database without caching.
+        # Redis is down or failed mid-flight: answer from the database without caching.
         try:
             loaded, _ = await self._loading.load(lookups)
         except Exception as exc:
-            for lookup in lookups:
-                futures[lookup.key].set_exception(exc)
+            _settle({lookup.key: futures[lookup.key] for lookup in lookups}, exc)
             return
         for lookup in lookups:
             futures[lookup.key].set_result(
                 Resolved(loaded[lookup.family].get(lookup.item_id), Outcome.BYPASS)
             )
 
-    async def _release_quietly(self, leases: list[tuple[str, str]]) -> None:
+    async def _release_quietly(self, leases: list[tuple[str, str]], *, error_ms: int) -> None:
         with contextlib.suppress(CacheUnavailable):  # if Redis is down, the leases expire on their own
-            await self._store.release(leases, error_ms=self._error_backoff_ms)
+            await self._store.release(leases, error_ms=error_ms)
 
 
-def _from_cache(raw: bytes | None, outcome: Outcome) -> Resolved:
-    entry = envelope.unpack(raw) if raw is not None else None
+def _answer(future: asyncio.Future[Resolved], lookup: Lookup, lease: LeaseResult, outcome: Outcome) -> None:
+    """Settle a future from a VALUE or ERROR lease reply."""
+    if lease.kind is LeaseKind.ERROR:
+        future.set_exception(RecentLoadFailure(lookup.key, lease.pttl_ms))
+        return
+    entry = envelope.unpack(lease.value) if lease.value is not None else None
     if entry is None:
-        raise CacheUnavailable("the cache returned bytes this version cannot read")
-    return Resolved(entry.payload, outcome)
+        future.set_exception(
+            CacheUnavailable(f"the cache holds bytes this version cannot read at {lookup.key}")
+        )
+    else:
+        future.set_result(Resolved(entry.payload, outcome))
+
+
+def _settle(futures: dict[str, asyncio.Future[Resolved]], failure: BaseException) -> None:
+    for future in futures.values():
+        if not future.done():
+            future.set_exception(failure)

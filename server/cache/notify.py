@@ -3,6 +3,7 @@
 One subscriber connection per process. A waiter registers interest in a key *before* it checks
 Redis, so a fill between the check and the wait still wakes it. Messages can be lost (a dropped
 connection), so every wait is also bounded by a short back-off after which the waiter checks again.
+A message is the prefixed key, or "!" and the key when an invalidation voided its lease.
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 _LOGGER = logging.getLogger(__name__)
 _RECONNECT_S = 1.0
@@ -28,11 +29,18 @@ class FillNotifier:
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
+        self.on_invalidated: Callable[[str], None] | None = None
 
     @classmethod
     def connect(cls, url: str, *, channel: str, prefix: str, connect_timeout_ms: int) -> FillNotifier:
         """A notifier on its own connection: pub/sub reads block, so no command timeout applies."""
-        redis = Redis.from_url(url, socket_connect_timeout=connect_timeout_ms / 1000, socket_timeout=None)
+        redis = Redis.from_url(
+            url,
+            socket_connect_timeout=connect_timeout_ms / 1000,
+            socket_timeout=None,  # a subscriber waits for messages without limit ...
+            socket_keepalive=True,
+            health_check_interval=5,  # ... but a half-open connection is noticed
+        )
         return cls(redis, channel=channel, prefix=prefix)
 
     def start(self) -> None:
@@ -67,7 +75,7 @@ class FillNotifier:
         while True:
             try:
                 await self._listen()
-            except (RedisError, OSError) as exc:
+            except Exception as exc:  # the listener must outlive any failure
                 _LOGGER.debug("fill notifications lost (%r); reconnecting", exc)
             self.connected.clear()
             self._wake_all()  # anything may have been missed: every waiter checks again
@@ -77,9 +85,18 @@ class FillNotifier:
         async with self._redis.pubsub() as pubsub:
             await pubsub.subscribe(self._channel)
             self.connected.set()
+            self._wake_all()  # whatever was published before the subscription is checked again
             async for message in pubsub.listen():
-                if message.get("type") == "message":
-                    self._wake(message["data"].decode()[len(self._prefix) :])
+                if message.get("type") != "message":
+                    continue
+                data = message["data"].decode()
+                if data.startswith("!"):
+                    key = data[1 + len(self._prefix) :]
+                    if self.on_invalidated is not None:
+                        self.on_invalidated(key)
+                else:
+                    key = data[len(self._prefix) :]
+                self._wake(key)
 
     async def close(self) -> None:
         """Stop listening and close the connection."""

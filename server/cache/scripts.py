@@ -109,7 +109,7 @@ local suffix = ARGV[2]
 local deleted = 0
 local function drop(key)
   deleted = deleted + redis.call('DEL', key)
-  if redis.call('DEL', key .. suffix) == 1 then redis.call('PUBLISH', ARGV[3], key) end
+  if redis.call('DEL', key .. suffix) == 1 then redis.call('PUBLISH', ARGV[3], '!' .. key) end
 end
 for i = 1, n do drop(KEYS[i]) end
 for i = n + 1, #KEYS do

@@ -141,10 +141,18 @@ class RedisStore:
         prefixed = [self._generation_key, *(self.prefix + key for key in keys)]
         # Without decode_responses the client returns bytes, never str.
         values = cast(list[bytes | None], await self._guarded(lambda: self.redis.mget(prefixed)))
-        return int(values[0] or 0), values[1:]
+        generation = int(values[0]) if values[0] is not None else await self._first_generation()
+        return generation, values[1:]
 
     async def generation(self) -> int:
         """The namespace generation: entries written in another one are ignored."""
+        value = await self._guarded(lambda: self.redis.get(self._generation_key))
+        return int(value) if value is not None else await self._first_generation()
+
+    async def _first_generation(self) -> int:
+        # A missing generation (a new Redis, or the key was lost) starts from the clock, never from 0,
+        # so entries written under an earlier generation can never come back to life.
+        await self._guarded(lambda: self.redis.set(self._generation_key, int(time.time()), nx=True))
         return int(await self._guarded(lambda: self.redis.get(self._generation_key)) or 0)
 
     async def bump_generation(self) -> int:

@@ -36,6 +36,14 @@ class LoadTimeout(Exception):
         self.timeout_s = timeout_s
 
 
+class FlightTimeout(Exception):
+    """A shared load (with any waiting for another instance's lease) ran past its own time limit."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(f"the load did not finish within {timeout_s:.1f} s")
+        self.timeout_s = timeout_s
+
+
 class RecentLoadFailure(Exception):
     """Another caller's load of this key failed moments ago; we back off instead of piling on."""
 
