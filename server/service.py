@@ -10,14 +10,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from google.protobuf.message import Message
 
 from client.proto.cacheaside.v1 import cache_service_pb2 as pb
 from server import wire
-from server.cache import CacheEngine, CacheUnavailable, Family, LoadTimeout
+from server.cache import CacheEngine, CacheUnavailable, Family, LoadTimeout, Outcome
 from server.domain.catalog import Catalog
 from server.domain.keys import invalidation_targets
 from server.errors import (
@@ -50,13 +50,33 @@ class ReadPlan:
 Handler = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[bytes]]
 
 
+class ServiceObserver(Protocol):
+    """What the handlers report as they serve (the metrics implement it)."""
+
+    def read_recorder(self, rpc: str) -> Callable[[Outcome, str], None]:
+        """A function called once per read of `rpc` with its outcome and tier; built once per RPC."""
+        ...
+
+    def invalidated(self, keys: int) -> None:
+        """An Invalidate call deleted `keys` cached keys."""
+        ...
+
+
 class CacheService:
     """The handlers of cacheaside.v1.CacheService over an engine, a catalog and a warmer."""
 
-    def __init__(self, engine: CacheEngine, catalog: Catalog, warmer: Warmer) -> None:
+    def __init__(
+        self,
+        engine: CacheEngine,
+        catalog: Catalog,
+        warmer: Warmer,
+        *,
+        observer: ServiceObserver | None = None,
+    ) -> None:
         self._engine = engine
         self._catalog = catalog
         self._warmer = warmer
+        self._observer = observer
 
     def method_handlers(self) -> dict[str, grpc.RpcMethodHandler[Any, bytes]]:
         """Every RPC of the service, by method name."""
@@ -70,26 +90,29 @@ class CacheService:
             "BatchGetUsers": (pb.BatchGetUsersRequest, self._plan_batch_users),
             "BatchGetPosts": (pb.BatchGetPostsRequest, self._plan_batch_posts),
         }
-        handlers = {name: _unary(request, self._read(plan)) for name, (request, plan) in reads.items()}
+        handlers = {name: _unary(request, self._read(name, plan)) for name, (request, plan) in reads.items()}
         handlers["Invalidate"] = _unary(pb.InvalidateRequest, _guarded(self._invalidate))
         handlers["Warm"] = _unary(pb.WarmRequest, _guarded(self._warm))
         return handlers
 
     # The generic cache-aside path -------------------------------------------------------------
 
-    def _read(self, plan_of: Callable[[Any], ReadPlan]) -> Handler:
+    def _read(self, rpc: str, plan_of: Callable[[Any], ReadPlan]) -> Handler:
+        record = self._observer.read_recorder(rpc) if self._observer is not None else None
+
         async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
             plan = plan_of(request)
             fetched = await self._engine.fetch(plan.lookups)
+            tier = plan.lookups[0][0].tier
+            if record is not None:
+                record(fetched.outcome, tier)
             payloads = fetched.payloads
             if None in payloads:
                 missing = [
                     item_id for (_, item_id), p in zip(plan.lookups, payloads, strict=True) if p is None
                 ]
                 raise NotFound(_not_found_message(plan.subject, missing))
-            await context.send_initial_metadata(
-                (("x-cache", fetched.outcome.value), ("x-cache-tier", plan.lookups[0][0].tier))
-            )
+            await context.send_initial_metadata((("x-cache", fetched.outcome.value), ("x-cache-tier", tier)))
             return plan.build(payloads)  # type: ignore[arg-type]  # no None left: checked above
 
         return _guarded(handle)
@@ -172,6 +195,8 @@ class CacheService:
             raise CacheUnavailableForWrite(
                 f"redis is unreachable ({exc}), so nothing was invalidated; retry when it is back"
             ) from exc
+        if self._observer is not None:
+            self._observer.invalidated(deleted)
         return pb.InvalidateResponse(keys_invalidated=deleted).SerializeToString()
 
     async def _warm(self, request: pb.WarmRequest, context: Any) -> bytes:
