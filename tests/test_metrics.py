@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import grpc
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -126,13 +127,10 @@ async def test_request_id_is_taken_from_metadata_or_made_and_returned(service: R
     assert re.fullmatch(r"[0-9a-f]{32}", made)
 
     failing = service.stub.GetPost(pb.GetPostRequest(post_id="nope"), metadata=(("x-request-id", "req-43"),))
-    try:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
         await failing
-    except grpc.aio.AioRpcError as error:
-        assert error.code() == grpc.StatusCode.NOT_FOUND
-        assert dict(error.trailing_metadata() or ())["x-request-id"] == "req-43", "errors carry it too"
-    else:
-        raise AssertionError("GetPost of an unknown id succeeded")
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+    assert dict(raised.value.trailing_metadata() or ())["x-request-id"] == "req-43", "errors carry it too"
 
 
 async def test_logs_are_json_lines_with_the_request_id_and_the_hot_path_logs_nothing(

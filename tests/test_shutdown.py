@@ -41,9 +41,12 @@ async def _wait_until_refused(target: str) -> None:
             try:
                 await health_status(target, timeout_s=1)
             except grpc.aio.AioRpcError as error:
-                assert error.code() in {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
-                if error.code() == grpc.StatusCode.UNAVAILABLE:
-                    return
+                code = error.code()
+            else:
+                code = grpc.StatusCode.OK
+            assert code in {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
+            if code == grpc.StatusCode.UNAVAILABLE:
+                return
             await asyncio.sleep(0.02)
 
 
