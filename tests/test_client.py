@@ -92,6 +92,7 @@ async def test_the_asyncio_client_returns_typed_messages(service: Running, db_en
         assert raised.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+@pytest.mark.parametrize("database", ["sqlite"], indirect=True)
 async def test_unavailable_is_retried_with_backoff_through_the_service_config(
     settings: Settings, database: Database, tmp_path: os.PathLike[str]
 ) -> None:
