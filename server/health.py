@@ -23,6 +23,9 @@ from server.metrics import Metrics
 _LOGGER = logging.getLogger(__name__)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# SERVING whenever the server answers at all: for a liveness probe, which must not restart every pod
+# while the database is down (readiness already takes them out of the load balancer).
+LIVENESS = "liveness"
 
 
 class HealthChecker:
@@ -79,6 +82,7 @@ class HealthChecker:
         status = SERVING if database_ok else NOT_SERVING
         for service in self._services:
             await self.servicer.set(service, status)
+        await self.servicer.set(LIVENESS, SERVING)
         return database_ok
 
     async def run_every(self, interval_s: float) -> None:

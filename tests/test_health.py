@@ -51,6 +51,7 @@ async def test_health_is_not_serving_while_the_database_is_down_and_comes_back(
             await proxy.stop()
             assert (await watch.read()).status == NOT_SERVING
             assert await _status(running) == NOT_SERVING, "the whole server follows the database"
+            assert await _status(running, "liveness") == SERVING, "no restarts for a database outage"
             code, _, reason = await error_of(running.stub.GetPost, pb.GetPostRequest(post_id="p1"))
             assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "DATABASE_UNAVAILABLE")
             assert running.app.metrics.database_up._value.get() == 0
