@@ -32,6 +32,7 @@ from client.client import (
     WARM,
     CacheClient,
     Rpc,
+    metadata_dict,
     tls_credentials,
 )
 from client.proto.cacheaside.v1 import cache_service_pb2 as pb
@@ -189,7 +190,9 @@ def _call(args: argparse.Namespace, method: Rpc[Any, Any], request: Message) -> 
         try:
             reply = client.call(method, request)
         except grpc.RpcError as error:
-            print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
+            trailers = metadata_dict(error.trailing_metadata())
+            request_id = f" (request id {trailers['x-request-id']})" if "x-request-id" in trailers else ""
+            print(f"error: {error.code().name}: {error.details()}{request_id}", file=sys.stderr)
             return 1
     if args.json:
         body = json_format.MessageToDict(reply.response, preserving_proto_field_name=True)

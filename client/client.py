@@ -183,7 +183,9 @@ class CacheClient(_Base):
         response, call = method.with_call(
             request, timeout=timeout_s or self.timeout_s, metadata=self._metadata(metadata)
         )
-        return Reply(response, _as_dict(call.initial_metadata()), _as_dict(call.trailing_metadata()))
+        return Reply(
+            response, metadata_dict(call.initial_metadata()), metadata_dict(call.trailing_metadata())
+        )
 
     def get_user(self, user_id: str, *, full: bool = False) -> pb.GetUserResponse:
         """One user; full adds profile and settings."""
@@ -284,8 +286,8 @@ class AsyncCacheClient(_Base):
         response = await pending
         return Reply(
             response,
-            _as_dict(await pending.initial_metadata()),
-            _as_dict(await pending.trailing_metadata()),
+            metadata_dict(await pending.initial_metadata()),
+            metadata_dict(await pending.trailing_metadata()),
         )
 
     async def get_user(self, user_id: str, *, full: bool = False) -> pb.GetUserResponse:
@@ -367,6 +369,6 @@ def _warm_request(posts: int, users: int, active_within_s: float) -> pb.WarmRequ
     return request
 
 
-def _as_dict(metadata: Any) -> dict[str, str]:
-    # Binary (-bin) values stay out: they are protocol details (the rich error status), not headers.
+def metadata_dict(metadata: Any) -> dict[str, str]:
+    """Metadata as a dict of its text values; binary (-bin) ones are protocol details, left out."""
     return {key: value for key, value in (metadata or ()) if isinstance(value, str)}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -54,7 +55,9 @@ async def _supervise(settings: Settings, count: int, env: dict[str, str]) -> int
             offset = metrics_port + index if metrics_port else 0
             child_env["CACHEASIDE_METRICS_LISTEN"] = f"{metrics_host}:{offset}"
         children.append(
-            await asyncio.create_subprocess_exec(sys.executable, "-m", "server.workers", env=child_env)
+            await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "server.workers", env=child_env, preexec_fn=_die_with_parent
+            )
         )
     _LOGGER.info(
         "started %d workers on %s", count, env["CACHEASIDE_LISTEN"], extra={"pids": [c.pid for c in children]}
@@ -102,6 +105,13 @@ def _free_port(host: str) -> int:
     with socket.socket(family) as probe:
         probe.bind((bind_host, 0))
         return int(probe.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    # Linux: a parent killed outright (SIGKILL, OOM) cannot forward SIGTERM; the kernel sends it instead,
+    # so no worker lives on holding the port. Elsewhere this is a no-op.
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
 
 
 def _run_worker() -> int:
