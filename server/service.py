@@ -103,16 +103,17 @@ class CacheService:
         async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
             plan = plan_of(request)
             fetched = await self._engine.fetch(plan.lookups)
-            tier = plan.lookups[0][0].tier
             if record is not None:
-                record(fetched.outcome, tier)
+                record(fetched.outcome, plan.lookups[0][0].tier)
             payloads = fetched.payloads
             if None in payloads:
                 missing = [
                     item_id for (_, item_id), p in zip(plan.lookups, payloads, strict=True) if p is None
                 ]
                 raise NotFound(_not_found_message(plan.subject, missing))
-            await context.send_initial_metadata((("x-cache", fetched.outcome.value), ("x-cache-tier", tier)))
+            await context.send_initial_metadata(
+                (("x-cache", fetched.outcome.value), ("x-cache-tier", plan.lookups[0][0].tier))
+            )
             return plan.build(payloads)  # type: ignore[arg-type]  # no None left: checked above
 
         return _guarded(handle)
