@@ -8,7 +8,7 @@ DEMO_DATABASE_URL ?= sqlite+aiosqlite:///./cacheaside.db
 NODE_DIR := examples/node
 NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 
-.PHONY: install node-deps run test lint format proto proto-check clean
+.PHONY: install node-deps run test bench lint format proto proto-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ run: install
 test: install node-deps
 	@bash scripts/ensure_services.sh
 	$(BIN)/python -m pytest -q
+
+# Benchmarks print ratios against a baseline measured in the same run; results in benchmarks/results/.
+bench: install
+	@bash scripts/ensure_services.sh
+	$(BIN)/python -m benchmarks.stampede
 
 lint: install
 	$(BIN)/ruff check .

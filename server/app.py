@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from server import db, tls
 from server.auth import AuthInterceptor
-from server.cache import CacheEngine, RedisStore
+from server.cache import CacheEngine, FillNotifier, RedisStore
 from server.config import Settings
 from server.domain.catalog import build_catalog
 from server.domain.keys import key_prefix
@@ -58,6 +58,8 @@ class App:
         """Serve, check health on the interval, serve metrics, warm if the settings ask."""
         # The first check comes before the port serves, so no probe ever sees a status nobody checked.
         await self.health.check()
+        if self.engine.notifier is not None:
+            self.engine.notifier.start()
         await self.server.start()
         self._tasks.append(
             asyncio.create_task(self.health.run_every(self.settings.health_interval_ms / 1000))
@@ -86,6 +88,9 @@ class App:
             # A thread join; quick, since the server's loop wakes every half second at most.
             await asyncio.to_thread(self.metrics_server.stop)
         await self.health.close()
+        await self.engine.close()
+        if self.engine.notifier is not None:
+            await self.engine.notifier.close()
         await self.engine.store.close()
         await self.database.dispose()
 
@@ -112,11 +117,26 @@ def create_app(
         breaker_failures=settings.redis_breaker_failures,
         breaker_cooldown_ms=settings.redis_breaker_cooldown_ms,
     )
+    notifier = (
+        FillNotifier.connect(
+            redis_url,
+            channel=store.channel,
+            prefix=store.prefix,
+            connect_timeout_ms=settings.redis_timeout_ms,
+        )
+        if settings.leases
+        else None
+    )
     engine = CacheEngine(
         store,
+        notifier=notifier,
         load_timeout_s=settings.db_timeout_ms / 1000,
+        leases=settings.leases,
+        lease_ttl_ms=settings.lease_ttl_ms,
         negative_ttl_s=settings.ttl_negative_s,
+        max_stale_s=settings.max_stale_s,
         jitter_pct=settings.ttl_jitter_pct,
+        error_backoff_ms=settings.db_error_backoff_ms,
     )
     database = db.create_engine(settings)
     queries = Queries(database)

@@ -47,6 +47,13 @@ class Settings(BaseSettings):
     family_tiers: Annotated[dict[str, Tier], NoDecode] = Field(
         default_factory=lambda: _parse_tiers(DEFAULT_FAMILY_TIERS)
     )
+    leases: bool = True
+    lease_ttl_ms: int = Field(default=3000, gt=0)
+    max_stale_s: int = Field(default=600, ge=0)
+    db_error_backoff_ms: int = Field(default=1000, ge=0)
+    xfetch_beta_hot: float = Field(default=1.0, ge=0)
+    xfetch_beta_warm: float = Field(default=1.0, ge=0)
+    xfetch_beta_cold: float = Field(default=1.0, ge=0)
     warm_on_start: bool = True
     warm_interval_s: int = Field(default=0, ge=0)
     warm_posts: int = Field(default=20, gt=0)
@@ -76,6 +83,14 @@ class Settings(BaseSettings):
     def ttl_s(self, tier: Tier) -> int:
         """The base TTL of a tier, before jitter."""
         return {Tier.HOT: self.ttl_hot_s, Tier.WARM: self.ttl_warm_s, Tier.COLD: self.ttl_cold_s}[tier]
+
+    def xfetch_beta(self, tier: Tier) -> float:
+        """How eagerly keys of a tier are refreshed before expiry (0: never early)."""
+        return {
+            Tier.HOT: self.xfetch_beta_hot,
+            Tier.WARM: self.xfetch_beta_warm,
+            Tier.COLD: self.xfetch_beta_cold,
+        }[tier]
 
     def tier_of(self, family: str) -> Tier:
         """The tier a key family is cached in."""

@@ -27,7 +27,7 @@ from prometheus_client.registry import Collector
 
 from server.cache import CacheEngine, Outcome
 from server.cache.breaker import BreakerState
-from server.cache.engine import Loader
+from server.cache.types import Loader
 from server.domain.catalog import Catalog
 from server.warming import WarmResult
 
@@ -219,8 +219,20 @@ class _EngineCollector(Collector):
         )
         fetches.add_metric([Outcome.HIT.value], stats.hits)
         fetches.add_metric([Outcome.MISS.value], stats.misses)
+        fetches.add_metric([Outcome.STALE.value], stats.stale)
         fetches.add_metric([Outcome.BYPASS.value], stats.bypasses)
         yield fetches
+        flights = CounterMetricFamily(
+            "cacheaside_engine_flights",
+            "Miss handling: loads coalesced in this process, waits for another caller's lease, fills "
+            "refused after an invalidation, early (probabilistic) refreshes.",
+            labels=["event"],
+        )
+        flights.add_metric(["coalesced"], stats.coalesced)
+        flights.add_metric(["lease_wait"], stats.lease_waits)
+        flights.add_metric(["fill_refused"], stats.fills_refused)
+        flights.add_metric(["early_refresh"], stats.early_refreshes)
+        yield flights
         store = self._engine.store
         calls = CounterMetricFamily(
             "cacheaside_redis_calls",

@@ -7,22 +7,24 @@ all of them. Responses are bytes: cached payloads go to the wire without a decod
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from google.protobuf.message import Message
 
 from client.proto.cacheaside.v1 import cache_service_pb2 as pb
 from server import wire
-from server.cache import CacheEngine, CacheUnavailable, Family, LoadTimeout, Outcome
+from server.cache import CacheEngine, CacheUnavailable, Family, LoadTimeout, Outcome, RecentLoadFailure
 from server.domain.catalog import Catalog
 from server.domain.keys import invalidation_targets
 from server.errors import (
     CacheUnavailableForWrite,
     DatabaseUnavailable,
+    DeadlineExceeded,
     InvalidArgument,
     NotFound,
     ServiceError,
@@ -35,6 +37,8 @@ _LOGGER = logging.getLogger(__name__)
 SERVICE_NAME = "cacheaside.v1.CacheService"
 MAX_INVALIDATE_IDS = 1000
 MAX_WARM_ITEMS = 10_000
+_DEADLINE_MARGIN_S = 0.005  # answer DEADLINE_EXCEEDED ourselves, just before gRPC cancels the call
+_T = TypeVar("_T")
 _RESPONSE_FIELD = 1  # the single field of every read response: user(s), post(s) or comments
 
 
@@ -102,7 +106,7 @@ class CacheService:
 
         async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
             plan = plan_of(request)
-            fetched = await self._engine.fetch(plan.lookups)
+            fetched = await _within_deadline(context, self._engine.fetch(plan.lookups))
             if record is not None:
                 record(fetched.outcome, plan.lookups[0][0].tier)
             payloads = fetched.payloads
@@ -229,6 +233,20 @@ def _not_found_message(subject: str, ids: list[str]) -> str:
     return f"no {subject} has any of the ids {', '.join(repr(i) for i in unique)}"
 
 
+async def _within_deadline(context: grpc.aio.ServicerContext[Any, Any], work: Awaitable[_T]) -> _T:
+    # The shared load goes on in its own task; only this caller's wait ends at its deadline.
+    remaining = context.time_remaining()
+    if remaining is None:
+        return await work
+    try:
+        async with asyncio.timeout(max(remaining - _DEADLINE_MARGIN_S, 0)):
+            return await work
+    except TimeoutError as exc:
+        raise DeadlineExceeded(
+            "the answer was not ready within your deadline; the load goes on, so a retry may hit the cache"
+        ) from exc
+
+
 def _guarded(handler: Handler) -> Handler:
     async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         try:
@@ -239,6 +257,11 @@ def _guarded(handler: Handler) -> Handler:
             failure = DatabaseUnavailable(
                 f"the database did not answer within {exc.timeout_s * 1000:.0f} ms; retry later",
                 reason="DATABASE_TIMEOUT",
+            )
+        except RecentLoadFailure as exc:
+            failure = DatabaseUnavailable(
+                f"the database failed moments ago and no stale copy is cached; retry in {exc.retry_in_ms} ms",
+                reason="DATABASE_BACKOFF",
             )
         # grpc-stubs predates abort_with_status on grpc.aio contexts; it exists since grpcio 1.38.
         await context.abort_with_status(to_status(failure))  # type: ignore[attr-defined]

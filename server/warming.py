@@ -64,12 +64,10 @@ class Warmer:
 
     async def _warm(self, posts: int | None, users: int | None, active_within_s: float | None) -> WarmResult:
         within = timedelta(seconds=active_within_s or self._default_active_within_s)
-        started = time.monotonic()
-        popular = await self._queries.popular_posts(posts or self._default_posts)
-        active = await self._queries.active_users(users or self._default_users, datetime.now(UTC) - within)
-        load_ms = int((time.monotonic() - started) * 1000)
-        posts_warmed = await self._engine.put(self._catalog.post, popular, load_ms=load_ms)
-        users_warmed = await self._engine.put(self._catalog.user, active, load_ms=load_ms)
+        popular = await self._queries.popular_post_ids(posts or self._default_posts)
+        active = await self._queries.active_user_ids(users or self._default_users, datetime.now(UTC) - within)
+        posts_warmed = await self._engine.refresh(self._catalog.post, popular) if popular else 0
+        users_warmed = await self._engine.refresh(self._catalog.user, active) if active else 0
         return WarmResult(posts_warmed, users_warmed)
 
     async def warm_logged(self) -> None:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
+import redis.asyncio as aioredis
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from server.cache import envelope
 from server.config import Settings, Tier
 
 
@@ -36,8 +41,33 @@ async def error_of(method: Any, request: Any) -> tuple[grpc.StatusCode, str, str
     raise AssertionError(f"{request!r} succeeded")
 
 
+async def until(condition: Callable[[], bool], *, timeout_s: float = 10.0) -> None:
+    """Yield to other tasks until condition holds: for progress that is certain, not a race to win."""
+    async with asyncio.timeout(timeout_s):
+        while not condition():  # noqa: ASYNC110  (the condition is a counter, not an event we own)
+            await asyncio.sleep(0.001)
+
+
 def ttl_band_ms(settings: Settings, tier: Tier) -> tuple[int, int]:
     """The range a tier's TTL may take after jitter."""
     base = settings.ttl_s(tier) * 1000
     spread = base * settings.ttl_jitter_pct / 100
     return int(base - spread) - 1000, int(base + spread) + 1
+
+
+async def freshness_ms(redis_client: aioredis.Redis, key: str) -> tuple[int, int]:
+    """How long a cached key stays fresh (its envelope's expiry) and how long Redis keeps it (PTTL)."""
+    raw = await redis_client.get(key)
+    assert raw is not None, f"{key} is not cached"
+    entry = envelope.unpack(raw)
+    assert entry is not None
+    return entry.expires_at_ms - int(time.time() * 1000), await redis_client.pttl(key)
+
+
+async def assert_tier_ttl(redis_client: aioredis.Redis, settings: Settings, key: str, tier: Tier) -> None:
+    """The key is fresh for its tier's TTL, and Redis keeps it max-stale longer for stale-if-error."""
+    fresh, kept = await freshness_ms(redis_client, key)
+    low, high = ttl_band_ms(settings, tier)
+    assert low <= fresh <= high, (key, fresh, (low, high))
+    stale_ms = settings.max_stale_s * 1000
+    assert low + stale_ms <= kept <= high + stale_ms, (key, kept)

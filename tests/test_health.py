@@ -18,7 +18,7 @@ from server.embedded_redis import free_port
 from tests.conftest import Database, Running, start_service, stop_service
 from tests.data import add_post, add_user
 from tests.helpers import call, error_of
-from tests.proxy import TcpProxy
+from tests.tcp_proxy import ProxyMode, TcpProxy
 
 SERVICE = "cacheaside.v1.CacheService"
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -39,8 +39,13 @@ async def test_health_is_not_serving_while_the_database_is_down_and_comes_back(
     upstream = make_url(database.url)
     proxy = await TcpProxy(upstream.host or "127.0.0.1", upstream.port or 5432).start()
     through_proxy = upstream.set(port=proxy.port).render_as_string(hide_password=False)
+    # No error backoff: the read after recovery must reach the database at once, for this test.
     running = await start_service(
-        settings, database_url=through_proxy, health_interval_ms=50, db_timeout_ms=1000
+        settings,
+        database_url=through_proxy,
+        health_interval_ms=50,
+        db_timeout_ms=1000,
+        db_error_backoff_ms=0,
     )
     watch = health_pb2_grpc.HealthStub(running.channel).Watch(health_pb2.HealthCheckRequest(service=SERVICE))
     try:
@@ -48,7 +53,7 @@ async def test_health_is_not_serving_while_the_database_is_down_and_comes_back(
             assert (await watch.read()).status == SERVING
             assert await _status(running) == SERVING
 
-            await proxy.stop()
+            proxy.set_mode(ProxyMode.REFUSE)
             assert (await watch.read()).status == NOT_SERVING
             assert await _status(running) == NOT_SERVING, "the whole server follows the database"
             assert await _status(running, "liveness") == SERVING, "no restarts for a database outage"
@@ -56,7 +61,7 @@ async def test_health_is_not_serving_while_the_database_is_down_and_comes_back(
             assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "DATABASE_UNAVAILABLE")
             assert running.app.metrics.database_up._value.get() == 0
 
-            await proxy.start()  # same port
+            proxy.set_mode(ProxyMode.FORWARD)
             assert (await watch.read()).status == SERVING
             assert await _status(running) == SERVING
             response, _ = await call(running.stub.GetPost, pb.GetPostRequest(post_id="p1"))
@@ -64,7 +69,7 @@ async def test_health_is_not_serving_while_the_database_is_down_and_comes_back(
     finally:
         watch.cancel()
         await stop_service(running)
-        await proxy.stop()
+        await proxy.close()
 
 
 async def test_a_failing_redis_keeps_serving_but_shows_in_metrics_and_logs(

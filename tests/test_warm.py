@@ -12,7 +12,7 @@ from client.proto.cacheaside.v1 import cache_service_pb2 as pb
 from server.config import Settings, Tier
 from tests.conftest import Running, start_service, stop_service
 from tests.data import add_post, add_user
-from tests.helpers import call, ttl_band_ms
+from tests.helpers import call, freshness_ms, ttl_band_ms
 
 
 async def _population(engine: AsyncEngine) -> None:
@@ -28,8 +28,12 @@ async def _population(engine: AsyncEngine) -> None:
 
 
 async def _cached(redis_client: aioredis.Redis, prefix: str, family: str) -> dict[str, int]:
-    keys = [key async for key in redis_client.scan_iter(match=f"{prefix}{family}*")]
-    return {key.decode()[len(prefix) + len(family) :]: await redis_client.pttl(key) for key in keys}
+    keys = [
+        key async for key in redis_client.scan_iter(match=f"{prefix}{family}*") if not key.endswith(b":lease")
+    ]
+    return {
+        key.decode()[len(prefix) + len(family) :]: (await freshness_ms(redis_client, key))[0] for key in keys
+    }
 
 
 async def test_warm_defaults_cache_the_seeds_selection_with_tier_ttls(

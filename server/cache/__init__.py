@@ -1,6 +1,18 @@
-"""The domain-free cache-aside engine: tiers, fallback, invalidation."""
+"""The domain-free cache-aside engine: tiers, leases, fallback, invalidation."""
 
-from server.cache.engine import CacheEngine, Family, Fetched, LoadTimeout, Outcome
+from server.cache.engine import CacheEngine
+from server.cache.notify import FillNotifier
 from server.cache.store import CacheUnavailable, RedisStore
+from server.cache.types import Family, Fetched, LoadTimeout, Outcome, RecentLoadFailure
 
-__all__ = ["CacheEngine", "CacheUnavailable", "Family", "Fetched", "LoadTimeout", "Outcome", "RedisStore"]
+__all__ = [
+    "CacheEngine",
+    "CacheUnavailable",
+    "Family",
+    "Fetched",
+    "FillNotifier",
+    "LoadTimeout",
+    "Outcome",
+    "RecentLoadFailure",
+    "RedisStore",
+]

@@ -1,4 +1,4 @@
-"""The cache-aside engine: read through Redis, load misses from a loader, fill, and invalidate.
+"""The cache-aside engine: read through Redis, resolve misses under leases, refresh early, serve stale.
 
 It knows nothing of users or posts. Callers describe each key family (how ids become keys, which TTL,
 which tags, how to load missing ids in one query) and ask for lookups; the engine answers with the
@@ -7,177 +7,206 @@ stored payload bytes, ready to go to the wire, and how the answer was obtained.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import logging
+import math
 import random
+import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from enum import StrEnum
+from collections.abc import Callable, Sequence
 
 from server.cache import envelope
-from server.cache.store import CacheUnavailable, Fill, RedisStore
+from server.cache.flights import LeaseFlights, Result
+from server.cache.loading import Loading, Lookup, TtlPolicy
+from server.cache.notify import FillNotifier
+from server.cache.store import CacheUnavailable, LeaseKind, LeaseRequest, RedisStore
+from server.cache.types import EngineHooks, EngineStats, Family, Fetched, Outcome, Resolved, combine
 
-Loader = Callable[[Sequence[str]], Awaitable[Mapping[str, bytes]]]
-"""Loads the payloads of many ids in one query; ids missing from the result do not exist."""
-
-
-class Outcome(StrEnum):
-    """How a response was obtained; sent to callers as `x-cache`."""
-
-    HIT = "hit"
-    MISS = "miss"
-    BYPASS = "bypass"
-
-
-class LoadTimeout(Exception):
-    """A loader did not answer within the load timeout."""
-
-    def __init__(self, family: str, timeout_s: float) -> None:
-        super().__init__(f"loading {family} took longer than {timeout_s * 1000:.0f} ms")
-        self.family = family
-        self.timeout_s = timeout_s
-
-
-@dataclass(frozen=True, slots=True, eq=False)
-class Family:
-    """A kind of cached value: how its keys are named, how long they live, and how to load them."""
-
-    name: str
-    tier: str
-    ttl_s: int
-    key: Callable[[str], str]
-    load: Loader
-    tags: tuple[str, ...] = ()
-
-
-@dataclass(slots=True)
-class EngineStats:
-    """Counters for tests and metrics."""
-
-    hits: int = 0
-    misses: int = 0
-    bypasses: int = 0
-    loads: int = 0
-    loads_by_family: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class Fetched:
-    """Payloads in lookup order (None where the row does not exist) and the overall outcome."""
-
-    payloads: list[bytes | None]
-    outcome: Outcome
+_LOGGER = logging.getLogger(__name__)
 
 
 class CacheEngine:
-    """Cache-aside reads over a RedisStore, with tiered and jittered TTLs and negative caching."""
+    """Cache-aside reads with leases, single-flight, XFetch early refresh, negative and stale caching."""
 
     def __init__(
         self,
         store: RedisStore,
         *,
+        notifier: FillNotifier | None = None,
         load_timeout_s: float,
-        negative_ttl_s: int,
-        jitter_pct: float,
-        rng: random.Random | None = None,
+        leases: bool = True,
+        lease_ttl_ms: int = 3000,
+        negative_ttl_s: int = 5,
+        max_stale_s: int = 0,
+        jitter_pct: float = 0.0,
+        error_backoff_ms: int = 1000,
     ) -> None:
         self.store = store
+        self.notifier = notifier
         self.stats = EngineStats()
-        self._load_timeout_s = load_timeout_s
-        self._negative_ttl_ms = negative_ttl_s * 1000
-        self._jitter = jitter_pct / 100
-        self._rng = rng or random.Random()
+        self.hooks = EngineHooks()
+        # Replaceable for deterministic tests: wall-clock seconds, and a uniform draw in [0, 1).
+        self.clock: Callable[[], float] = time.time
+        self.random: Callable[[], float] = random.random
+        self.leases = leases
+        self._loading = Loading(self.stats, self.hooks, timeout_s=load_timeout_s)
+        self._ttl = TtlPolicy(
+            negative_ttl_ms=negative_ttl_s * 1000, max_stale_ms=max_stale_s * 1000, jitter=jitter_pct / 100
+        )
+        self._flights = LeaseFlights(
+            store,
+            notifier,
+            self._loading,
+            self._ttl,
+            self.stats,
+            lease_ms=lease_ttl_ms,
+            error_backoff_ms=error_backoff_ms,
+            now_ms=self._now_ms,
+        )
+        self._lease_ms = lease_ttl_ms
+        self._refreshing: set[str] = set()
 
-    async def fetch(self, lookups: Sequence[tuple[Family, str]]) -> Fetched:
-        """Answer every (family, id) with one MGET; load the misses with one query per family."""
-        keys = [family.key(item_id) for family, item_id in lookups]
+    def _now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    async def fetch(self, pairs: Sequence[tuple[Family, str]]) -> Fetched:
+        """Answer every (family, id): one MGET, then leases and one query per family for the misses."""
+        lookups = [Lookup(family, item_id, family.key(item_id)) for family, item_id in pairs]
         try:
-            raw_values = await self.store.mget(keys)
+            generation, raws = await self.store.mget([lookup.key for lookup in lookups])
         except CacheUnavailable:
-            self.stats.bypasses += 1
-            loaded = await self._load_grouped(lookups)
-            return Fetched([loaded[family].get(item_id) for family, item_id in lookups], Outcome.BYPASS)
-
-        payloads: list[bytes | None] = []
-        missing: list[int] = []
-        for index, raw in enumerate(raw_values):
+            return await self._bypass(lookups)
+        now_ms = self._now_ms()
+        payloads: list[bytes | None] = [None] * len(lookups)
+        misses: dict[str, Lookup] = {}
+        stale: dict[str, envelope.Envelope] = {}
+        pending: list[int] = []
+        for index, (lookup, raw) in enumerate(zip(lookups, raws, strict=True)):
             entry = envelope.unpack(raw) if raw is not None else None
-            if entry is None:
-                missing.append(index)
-                payloads.append(None)
-            else:
-                payloads.append(entry.payload)
-        if not missing:
+            if entry is not None and entry.generation != generation:
+                entry = None  # written before an invalidate-everything: as good as deleted
+            if entry is not None and entry.is_fresh(now_ms):
+                payloads[index] = entry.payload
+                if self.leases and self._xfetch_due(lookup.family, entry, now_ms):
+                    self._refresh_early(lookup, generation)
+                continue
+            misses.setdefault(lookup.key, lookup)
+            if entry is not None:
+                stale[lookup.key] = entry
+            pending.append(index)
+        if not misses:
             self.stats.hits += 1
             return Fetched(payloads, Outcome.HIT)
 
-        self.stats.misses += 1
-        missing_lookups = [lookups[index] for index in missing]
-        started = time.monotonic()
-        loaded = await self._load_grouped(missing_lookups)
-        load_ms = int((time.monotonic() - started) * 1000)
-        for index, (family, item_id) in zip(missing, missing_lookups, strict=True):
-            payloads[index] = loaded[family].get(item_id)
-        await self._fill_quietly(self._fills(missing_lookups, loaded, load_ms))
-        return Fetched(payloads, Outcome.MISS)
+        misses_list = list(misses.values())
+        results = await (
+            self._flights.resolve(misses_list, generation)
+            if self.leases
+            else self._plain(misses_list, generation)
+        )
+        answers = {key: _or_stale(result, stale.get(key)) for key, result in results.items()}
+        for index in pending:
+            payloads[index] = answers[lookups[index].key].payload
+        outcomes = [answer.outcome for answer in answers.values()]
+        if len(pending) < len(lookups):
+            outcomes.append(Outcome.HIT)
+        outcome = combine(outcomes)
+        if outcome is Outcome.STALE:
+            self.stats.stale += 1
+        elif outcome is Outcome.BYPASS:
+            self.stats.bypasses += 1
+        else:
+            self.stats.misses += 1
+        return Fetched(payloads, outcome)
 
-    async def put(self, family: Family, payloads: Mapping[str, bytes], *, load_ms: int = 0) -> int:
-        """Write already loaded payloads (warming); returns how many. Raises CacheUnavailable."""
-        fills = self._fills([(family, item_id) for item_id in payloads], {family: payloads}, load_ms)
-        await self.store.fill(fills)
-        return len(fills)
+    async def refresh(self, family: Family, ids: Sequence[str]) -> int:
+        """Reload ids and write them under fresh leases (warming); returns how many were written.
+
+        Keys whose lease another caller holds are left to that caller's fill. Raises CacheUnavailable.
+        """
+        lookups = [Lookup(family, item_id, family.key(item_id)) for item_id in ids]
+        generation = await self.store.generation()
+        if not self.leases:
+            results = await self._plain(lookups, generation)
+            return sum(1 for result in results.values() if not isinstance(result, BaseException))
+        tokens = {lookup.key: secrets.token_hex(8) for lookup in lookups}
+        requests = [LeaseRequest(lk.key, tokens[lk.key], family.tags, force=True) for lk in lookups]
+        leases = await self.store.lease(
+            requests, lease_ms=self._lease_ms, now_ms=self._now_ms(), generation=generation
+        )
+        granted = [lk for lk, lease in zip(lookups, leases, strict=True) if lease.kind is LeaseKind.GRANTED]
+        _, written = await self._flights.load_and_fill(granted, tokens, generation)
+        return written
 
     async def invalidate(self, keys: Sequence[str], tags: Sequence[str]) -> int:
-        """Delete keys and every key in the tags, atomically. Raises CacheUnavailable if Redis is down."""
+        """Delete keys, their leases, and every key in the tags, atomically. Raises CacheUnavailable."""
         return await self.store.invalidate(keys, tags)
 
-    async def _load_grouped(self, lookups: Sequence[tuple[Family, str]]) -> dict[Family, Mapping[str, bytes]]:
-        ids_by_family: dict[Family, list[str]] = {}
-        for family, item_id in lookups:
-            ids = ids_by_family.setdefault(family, [])
-            if item_id not in ids:
-                ids.append(item_id)
-        families = list(ids_by_family)
-        results = await asyncio.gather(*(self._load(family, ids_by_family[family]) for family in families))
-        return dict(zip(families, results, strict=True))
+    async def invalidate_everything(self) -> int:
+        """Bump the namespace generation: every entry is invalid at once, O(1). Returns the new one."""
+        return await self.store.bump_generation()
 
-    async def _load(self, family: Family, ids: Sequence[str]) -> Mapping[str, bytes]:
-        self.stats.loads += 1
-        self.stats.loads_by_family[family.name] = self.stats.loads_by_family.get(family.name, 0) + 1
+    async def drain(self) -> None:
+        """Wait for background loads and early refreshes under way to finish."""
+        await self._flights.drain()
+
+    async def close(self) -> None:
+        """Stop background flights and refreshes."""
+        await self._flights.close()
+
+    def _xfetch_due(self, family: Family, entry: envelope.Envelope, now_ms: int) -> bool:
+        # XFetch (Vattani et al., VLDB 2015): refresh early with a probability that rises towards
+        # expiry and with the cost of a recompute, so one reader refreshes before the herd arrives.
+        if family.xfetch_beta <= 0:
+            return False
+        gap = -entry.load_ms * family.xfetch_beta * math.log(1.0 - self.random())
+        return now_ms + gap >= entry.expires_at_ms
+
+    def _refresh_early(self, lookup: Lookup, generation: int) -> None:
+        if lookup.key in self._refreshing or self._flights.in_flight(lookup.key, generation):
+            return
+        self._refreshing.add(lookup.key)
+        self._flights.spawn(self._refresh_one(lookup))
+
+    async def _refresh_one(self, lookup: Lookup) -> None:
         try:
-            async with asyncio.timeout(self._load_timeout_s):
-                return await family.load(ids)
-        except TimeoutError as exc:
-            raise LoadTimeout(family.name, self._load_timeout_s) from exc
+            if await self.refresh(lookup.family, [lookup.item_id]):
+                self.stats.early_refreshes += 1
+        except Exception as exc:  # the current value is still served; the next reader may retry
+            _LOGGER.debug("early refresh of %s failed: %r", lookup.key, exc)
+        finally:
+            self._refreshing.discard(lookup.key)
 
-    def _fills(
-        self,
-        lookups: Sequence[tuple[Family, str]],
-        loaded: Mapping[Family, Mapping[str, bytes]],
-        load_ms: int,
-    ) -> list[Fill]:
-        now_ms = int(time.time() * 1000)
-        fills: dict[str, Fill] = {}
-        for family, item_id in lookups:
-            payload = loaded[family].get(item_id)
-            if payload is None and not self._negative_ttl_ms:
-                continue
-            ttl_ms = family.ttl_s * 1000 if payload is not None else self._negative_ttl_ms
-            key = family.key(item_id)
-            fills[key] = Fill(
-                key,
-                envelope.pack(payload, load_ms=load_ms, written_at_ms=now_ms),
-                self._jittered(ttl_ms),
-                family.tags,
+    async def _plain(self, lookups: Sequence[Lookup], generation: int) -> dict[str, Result]:
+        # Leases off: the seed's plain cache-aside, every miss loads. The benchmarks' baseline.
+        try:
+            loaded, load_ms = await self._loading.load(lookups)
+        except Exception as exc:
+            return {lookup.key: exc for lookup in lookups}
+        now_ms = self._now_ms()
+        answers: dict[str, Result] = {}
+        fills = []
+        for lookup in lookups:
+            payload = loaded[lookup.family].get(lookup.item_id)
+            answers[lookup.key] = Resolved(payload, Outcome.MISS)
+            fill = self._ttl.fill(
+                lookup, payload, generation=generation, load_ms=max(load_ms, 1), now_ms=now_ms, token=""
             )
-        return list(fills.values())
-
-    def _jittered(self, ttl_ms: int) -> int:
-        spread = ttl_ms * self._jitter
-        return max(1, round(ttl_ms + self._rng.uniform(-spread, spread)))
-
-    async def _fill_quietly(self, fills: Sequence[Fill]) -> None:
-        # A failed fill costs only a future miss; the store has already logged and counted it.
-        with contextlib.suppress(CacheUnavailable):
+            if fill is not None:
+                fills.append(fill)
+        with contextlib.suppress(CacheUnavailable):  # a failed fill costs only a future miss
             await self.store.fill(fills)
+        return answers
+
+    async def _bypass(self, lookups: Sequence[Lookup]) -> Fetched:
+        self.stats.bypasses += 1
+        loaded, _ = await self._loading.load(lookups)
+        return Fetched([loaded[lk.family].get(lk.item_id) for lk in lookups], Outcome.BYPASS)
+
+
+def _or_stale(result: Result, stale: envelope.Envelope | None) -> Resolved:
+    if isinstance(result, Resolved):
+        return result
+    if stale is None or not isinstance(result, Exception):
+        raise result
+    return Resolved(stale.payload, Outcome.STALE)  # stale-if-error: the database failed or was too slow

@@ -1,7 +1,8 @@
 """The narrow Redis interface the engine uses, guarded by timeouts and a circuit breaker.
 
 Every method either answers or raises CacheUnavailable quickly: a Redis fault must never fail a read,
-so the engine turns CacheUnavailable into a database read with `x-cache: bypass`.
+so the engine turns CacheUnavailable into a database read with `x-cache: bypass`. Keys given to and
+returned by this class are unprefixed; the prefix is added here only.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar, cast
+from enum import StrEnum
+from typing import Any, TypeVar, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -22,21 +24,53 @@ from server.cache.breaker import BreakerState, CircuitBreaker
 
 _LOGGER = logging.getLogger(__name__)
 _T = TypeVar("_T")
+_Arg = bytes | str | int
 _FAILURE_LOG_INTERVAL_S = 5.0
+FILL_CHANNEL = "fills"
+GENERATION_KEY = "generation"  # bumped to invalidate everything at once
 
 
 class CacheUnavailable(Exception):
     """Redis could not be used for this call (error, timeout, or breaker open)."""
 
 
+class LeaseKind(StrEnum):
+    """What a lease request found."""
+
+    VALUE = "value"  # the key is fresh (someone filled it): here are its bytes
+    GRANTED = "granted"  # the caller holds the lease and must load and fill
+    WAIT = "wait"  # another caller holds the lease; wait for its fill
+    ERROR = "error"  # the last load failed moments ago; do not retry yet
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRequest:
+    """Ask for the lease on key; force takes it even when the value is fresh (refresh, warming)."""
+
+    key: str
+    token: str
+    tags: tuple[str, ...] = ()
+    force: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseResult:
+    """The answer to a LeaseRequest: bytes for VALUE, the lease's remaining ms for WAIT and ERROR."""
+
+    kind: LeaseKind
+    value: bytes | None = None
+    pttl_ms: int = 0
+
+
 @dataclass(frozen=True, slots=True)
 class Fill:
-    """One key to write: its value, TTL, and the tag sets it joins (unprefixed names)."""
+    """One key to write: its value, TTL, tags, and the lease token it is written under ('' for none)."""
 
     key: str
     value: bytes
     ttl_ms: int
     tags: tuple[str, ...] = ()
+    token: str = ""
 
 
 @dataclass(slots=True)
@@ -52,13 +86,18 @@ class RedisStore:
     """Prefixed keys, guarded calls. Construct with `connect`."""
 
     def __init__(self, redis: Redis, *, prefix: str, breaker_failures: int, breaker_cooldown_s: float):
-        self._redis = redis
+        self.redis = redis
         self.prefix = prefix
+        self.channel = prefix + FILL_CHANNEL
+        self._generation_key = prefix + GENERATION_KEY
         self.stats = StoreStats()
         self.breaker = CircuitBreaker(
             failure_threshold=breaker_failures, cooldown_s=breaker_cooldown_s, probe=redis.ping
         )
+        self._lease = redis.register_script(scripts.LEASE)
         self._fill = redis.register_script(scripts.FILL)
+        self._set_tagged = redis.register_script(scripts.SET_TAGGED)
+        self._release = redis.register_script(scripts.RELEASE)
         self._invalidate = redis.register_script(scripts.INVALIDATE)
         self._last_failure_log = 0.0
         self._suppressed_failures = 0
@@ -97,42 +136,96 @@ class RedisStore:
         """Whether Redis is currently being used."""
         return self.breaker.state
 
-    async def mget(self, keys: Sequence[str]) -> list[bytes | None]:
-        """The raw values of keys, None where absent; one round trip."""
-        prefixed = [self.prefix + key for key in keys]
+    async def mget(self, keys: Sequence[str]) -> tuple[int, list[bytes | None]]:
+        """The namespace generation and the raw values of keys (None where absent), in one round trip."""
+        prefixed = [self._generation_key, *(self.prefix + key for key in keys)]
         # Without decode_responses the client returns bytes, never str.
-        return cast(list[bytes | None], await self._guarded(lambda: self._redis.mget(prefixed)))
+        values = cast(list[bytes | None], await self._guarded(lambda: self.redis.mget(prefixed)))
+        return int(values[0] or 0), values[1:]
 
-    async def fill(self, fills: Sequence[Fill]) -> None:
-        """Write the values, each with its TTL and tags, in one pipelined round trip."""
+    async def generation(self) -> int:
+        """The namespace generation: entries written in another one are ignored."""
+        return int(await self._guarded(lambda: self.redis.get(self._generation_key)) or 0)
+
+    async def bump_generation(self) -> int:
+        """Invalidate every key at once, in O(1): returns the new generation."""
+        return int(await self._guarded(lambda: self.redis.incr(self._generation_key)))
+
+    async def lease(
+        self, requests: Sequence[LeaseRequest], *, lease_ms: int, now_ms: int, generation: int
+    ) -> list[LeaseResult]:
+        """Ask for many leases in one pipelined round trip."""
+
+        async def run() -> list[Any]:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for request in requests:
+                    key = self.prefix + request.key
+                    keys = [key, key + scripts.LEASE_SUFFIX, *(self.prefix + tag for tag in request.tags)]
+                    args: list[_Arg] = [
+                        request.token,
+                        lease_ms,
+                        now_ms,
+                        "1" if request.force else "0",
+                        generation,
+                    ]
+                    await self._lease(keys=keys, args=args, client=pipe)
+                return await pipe.execute()
+
+        replies = await self._guarded(run)
+        return [_lease_result(reply) for reply in replies]
+
+    async def fill(self, fills: Sequence[Fill]) -> list[bool]:
+        """Write values in one pipelined round trip; those with a token only if they still hold it."""
         if not fills:
+            return []
+
+        async def run() -> list[Any]:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for fill in fills:
+                    key = self.prefix + fill.key
+                    tags = [self.prefix + tag for tag in fill.tags]
+                    if fill.token:
+                        keys = [key, key + scripts.LEASE_SUFFIX, *tags]
+                        args: list[_Arg] = [fill.token, fill.value, fill.ttl_ms, self.channel]
+                        await self._fill(keys=keys, args=args, client=pipe)
+                    elif tags:
+                        await self._set_tagged(keys=[key, *tags], args=[fill.value, fill.ttl_ms], client=pipe)
+                    else:
+                        pipe.set(key, fill.value, px=fill.ttl_ms)
+                return await pipe.execute()
+
+        return [bool(reply) for reply in await self._guarded(run)]
+
+    async def release(self, leases: Sequence[tuple[str, str]], *, error_ms: int) -> None:
+        """Give up leases (key, token) after a failed load, leaving an error mark for error_ms."""
+        if not leases:
             return
 
         async def run() -> None:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for fill in fills:
-                    key = self.prefix + fill.key
-                    if fill.tags:
-                        tags = [self.prefix + tag for tag in fill.tags]
-                        await self._fill(keys=[key, *tags], args=[fill.value, fill.ttl_ms], client=pipe)
-                    else:
-                        pipe.set(key, fill.value, px=fill.ttl_ms)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key, token in leases:
+                    prefixed = self.prefix + key
+                    keys = [prefixed + scripts.LEASE_SUFFIX]
+                    await self._release(
+                        keys=keys, args=[token, error_ms, self.channel, prefixed], client=pipe
+                    )
                 await pipe.execute()
 
         await self._guarded(run)
 
     async def invalidate(self, keys: Sequence[str], tags: Sequence[str]) -> int:
-        """Delete keys and every member of the tag sets, atomically; returns how many existed."""
+        """Delete keys, their leases, and every member of the tag sets, atomically; returns values deleted."""
         all_keys = [self.prefix + key for key in keys] + [self.prefix + tag for tag in tags]
         if not all_keys:
             return 0
-        result = await self._guarded(lambda: self._invalidate(keys=all_keys, args=[len(keys)]))
+        args: list[_Arg] = [len(keys), scripts.LEASE_SUFFIX, self.channel]
+        result = await self._guarded(lambda: self._invalidate(keys=all_keys, args=args))
         return int(result)
 
     async def close(self) -> None:
         """Stop the breaker's probe and close the pool."""
         await self.breaker.close()
-        await self._redis.aclose()
+        await self.redis.aclose()
 
     async def _guarded(self, call: Callable[[], Awaitable[_T]]) -> _T:
         if not self.breaker.allows():
@@ -161,3 +254,12 @@ class RedisStore:
         )
         self._last_failure_log = now
         self._suppressed_failures = 0
+
+
+def _lease_result(reply: Any) -> LeaseResult:
+    kind = LeaseKind(reply[0].decode())
+    if kind is LeaseKind.VALUE:
+        return LeaseResult(kind, value=reply[1])
+    if kind is LeaseKind.GRANTED:
+        return LeaseResult(kind)
+    return LeaseResult(kind, pttl_ms=max(int(reply[1]), 0))

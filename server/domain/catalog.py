@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from server.cache import Family
-from server.cache.engine import Loader
+from server.cache.types import Loader
 from server.config import Settings
 from server.domain import keys
 from server.domain.queries import Queries
@@ -37,6 +37,7 @@ def build_catalog(settings: Settings, queries: Queries) -> Catalog:
             key=lambda item_id: prefix + item_id,
             load=load,
             tags=tags,
+            xfetch_beta=settings.xfetch_beta(tier),
         )
 
     lists = (keys.POST_LISTS_TAG,)

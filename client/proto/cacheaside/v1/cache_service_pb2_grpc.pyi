@@ -30,8 +30,10 @@ class CacheServiceStub:
     """CacheService reads users and posts through a Redis cache-aside layer in front of the SQL database.
 
     Every response carries initial metadata:
-      x-cache:      "hit" (served from Redis), "miss" (loaded from the database and cached), or
-                    "bypass" (Redis was unavailable; served from the database without caching).
+      x-cache:      "hit" (served from Redis), "miss" (loaded from the database and cached),
+                    "stale" (the database failed or was too slow; served an expired copy, at most
+                    CACHEASIDE_MAX_STALE_S old), or "bypass" (Redis was unavailable; served from the
+                    database without caching).
       x-cache-tier: "hot", "warm" or "cold": the TTL tier of the key family that answered.
     Ids are 1 to 64 characters from [A-Za-z0-9_-]; anything else is INVALID_ARGUMENT.
     Errors carry a google.rpc.ErrorInfo with domain "cacheaside" and an UPPER_SNAKE reason.
@@ -75,8 +77,10 @@ class CacheServiceAsyncStub(CacheServiceStub):
     """CacheService reads users and posts through a Redis cache-aside layer in front of the SQL database.
 
     Every response carries initial metadata:
-      x-cache:      "hit" (served from Redis), "miss" (loaded from the database and cached), or
-                    "bypass" (Redis was unavailable; served from the database without caching).
+      x-cache:      "hit" (served from Redis), "miss" (loaded from the database and cached),
+                    "stale" (the database failed or was too slow; served an expired copy, at most
+                    CACHEASIDE_MAX_STALE_S old), or "bypass" (Redis was unavailable; served from the
+                    database without caching).
       x-cache-tier: "hot", "warm" or "cold": the TTL tier of the key family that answered.
     Ids are 1 to 64 characters from [A-Za-z0-9_-]; anything else is INVALID_ARGUMENT.
     Errors carry a google.rpc.ErrorInfo with domain "cacheaside" and an UPPER_SNAKE reason.
@@ -116,8 +120,10 @@ class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
     """CacheService reads users and posts through a Redis cache-aside layer in front of the SQL database.
 
     Every response carries initial metadata:
-      x-cache:      "hit" (served from Redis), "miss" (loaded from the database and cached), or
-                    "bypass" (Redis was unavailable; served from the database without caching).
+      x-cache:      "hit" (served from Redis), "miss" (loaded from the database and cached),
+                    "stale" (the database failed or was too slow; served an expired copy, at most
+                    CACHEASIDE_MAX_STALE_S old), or "bypass" (Redis was unavailable; served from the
+                    database without caching).
       x-cache-tier: "hot", "warm" or "cold": the TTL tier of the key family that answered.
     Ids are 1 to 64 characters from [A-Za-z0-9_-]; anything else is INVALID_ARGUMENT.
     Errors carry a google.rpc.ErrorInfo with domain "cacheaside" and an UPPER_SNAKE reason.

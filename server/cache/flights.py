@@ -1,0 +1,278 @@
+"""Single-flight in front of Redis leases: one load per key across every process and instance.
+
+In a process, callers of a missing key share one flight (an asyncio task). The flight asks Redis for
+the key's lease: the holder loads from the database and fills with a compare-and-set on its token;
+the others wait for that fill (woken by pub/sub, bounded by a back-off) and read it. A flight runs in
+its own task with its own timeout, so a caller that gives up (its deadline) never cancels the load
+the others are waiting for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from server.cache import envelope
+from server.cache.loading import Loading, Lookup, TtlPolicy
+from server.cache.notify import FillNotifier
+from server.cache.store import CacheUnavailable, LeaseKind, LeaseRequest, RedisStore
+from server.cache.types import EngineStats, Outcome, RecentLoadFailure, Resolved
+
+_LOGGER = logging.getLogger(__name__)
+_FIRST_WAIT_S = 0.02
+_MAX_WAIT_S = 0.25
+
+Result = Resolved | BaseException
+
+
+def _consume(future: asyncio.Future[Resolved]) -> None:
+    # A flight's result may go unread (every caller hit its deadline); that is not an error.
+    if not future.cancelled():
+        future.exception()
+
+
+class LeaseFlights:
+    """Resolves missing keys through in-process single-flight and Redis leases."""
+
+    def __init__(
+        self,
+        store: RedisStore,
+        notifier: FillNotifier | None,
+        loading: Loading,
+        ttl: TtlPolicy,
+        stats: EngineStats,
+        *,
+        lease_ms: int,
+        error_backoff_ms: int,
+        now_ms: Callable[[], int],
+    ) -> None:
+        self._store = store
+        self._notifier = notifier
+        self._loading = loading
+        self._ttl = ttl
+        self._stats = stats
+        self._lease_ms = lease_ms
+        self._error_backoff_ms = error_backoff_ms
+        self._now_ms = now_ms
+        # A waiter may wait out a dead holder's lease, then load itself.
+        self._flight_timeout_s = lease_ms / 1000 + loading.timeout_s + 1.0
+        # Keyed by generation too: a read after invalidate-everything never joins an older load.
+        self._flights: dict[tuple[str, int], asyncio.Future[Resolved]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def in_flight(self, key: str, generation: int) -> bool:
+        """Whether this process is already resolving key in this generation."""
+        return (key, generation) in self._flights
+
+    async def resolve(self, lookups: Sequence[Lookup], generation: int) -> dict[str, Result]:
+        """Each key's answer, or the exception its load ended with; joins flights already under way."""
+        loop = asyncio.get_running_loop()
+        futures: dict[str, asyncio.Future[Resolved]] = {}
+        new: list[Lookup] = []
+        for lookup in lookups:
+            self._stats.flight_callers += 1
+            future = self._flights.get((lookup.key, generation))
+            if future is None:
+                future = loop.create_future()
+                future.add_done_callback(_consume)
+                self._flights[lookup.key, generation] = future
+                new.append(lookup)
+            else:
+                self._stats.coalesced += 1
+            futures[lookup.key] = future
+        if new:
+            self.spawn(self._fly(new, {lookup.key: futures[lookup.key] for lookup in new}, generation))
+        # shield: a caller's cancellation (deadline) must not cancel the shared flight.
+        results = await asyncio.gather(*(asyncio.shield(f) for f in futures.values()), return_exceptions=True)
+        return dict(zip(futures, results, strict=True))
+
+    async def load_and_fill(
+        self, lookups: Sequence[Lookup], tokens: dict[str, str], generation: int
+    ) -> tuple[dict[str, Resolved], int]:
+        """Load keys whose leases we hold and fill them under their tokens; returns answers, fills written."""
+        if not lookups:
+            return {}, 0
+        try:
+            loaded, load_ms = await self._loading.load(lookups)
+        except Exception:
+            await self._release_quietly([(lookup.key, tokens[lookup.key]) for lookup in lookups])
+            raise
+        now_ms = self._now_ms()
+        answers: dict[str, Resolved] = {}
+        fills = []
+        unfilled = []
+        for lookup in lookups:
+            payload = loaded[lookup.family].get(lookup.item_id)
+            answers[lookup.key] = Resolved(payload, Outcome.MISS)
+            token = tokens[lookup.key]
+            fill = self._ttl.fill(
+                lookup, payload, generation=generation, load_ms=max(load_ms, 1), now_ms=now_ms, token=token
+            )
+            if fill is None:
+                unfilled.append((lookup.key, tokens[lookup.key]))
+            else:
+                fills.append(fill)
+        try:
+            accepted = await self._store.fill(fills)
+            await self._store.release(unfilled, error_ms=0)
+        except CacheUnavailable:
+            return answers, 0
+        refused = accepted.count(False)
+        self._stats.fills_refused += refused
+        return answers, len(accepted) - refused
+
+    def spawn(self, coroutine: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run a background task that outlives its caller; kept referenced until done."""
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def drain(self) -> None:
+        """Wait for every flight and refresh under way (tests; graceful shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def close(self) -> None:
+        """Cancel flights and refreshes still running (at shutdown)."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _fly(
+        self, lookups: list[Lookup], futures: dict[str, asyncio.Future[Resolved]], generation: int
+    ) -> None:
+        events = (
+            {lookup.key: self._notifier.expect(lookup.key) for lookup in lookups} if self._notifier else {}
+        )
+        try:
+            async with asyncio.timeout(self._flight_timeout_s):
+                await self._lead(lookups, futures, events, generation)
+        except BaseException as exc:  # settle every future, even on cancellation at shutdown
+            failure = exc if isinstance(exc, Exception) else CacheUnavailable("the service is shutting down")
+            for future in futures.values():
+                if not future.done():
+                    future.set_exception(failure)
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            for key, future in futures.items():
+                if self._flights.get((key, generation)) is future:
+                    del self._flights[key, generation]
+            for key, event in events.items():
+                self._notifier.forget(key, event)  # type: ignore[union-attr]  # events imply a notifier
+
+    async def _lead(
+        self,
+        lookups: list[Lookup],
+        futures: dict[str, asyncio.Future[Resolved]],
+        events: dict[str, asyncio.Event],
+        generation: int,
+    ) -> None:
+        tokens = {lookup.key: secrets.token_hex(8) for lookup in lookups}
+        requests = [LeaseRequest(lk.key, tokens[lk.key], lk.family.tags) for lk in lookups]
+        try:
+            leases = await self._store.lease(
+                requests, lease_ms=self._lease_ms, now_ms=self._now_ms(), generation=generation
+            )
+        except CacheUnavailable:
+            await self._bypass(lookups, futures)
+            return
+        granted: list[Lookup] = []
+        waits = []
+        for lookup, lease in zip(lookups, leases, strict=True):
+            future = futures[lookup.key]
+            if lease.kind is LeaseKind.VALUE:
+                future.set_result(_from_cache(lease.value, Outcome.HIT))
+            elif lease.kind is LeaseKind.GRANTED:
+                granted.append(lookup)
+            elif lease.kind is LeaseKind.ERROR:
+                future.set_exception(RecentLoadFailure(lookup.key, lease.pttl_ms))
+            else:
+                waits.append(self._wait(lookup, future, events.get(lookup.key), lease.pttl_ms, generation))
+        await asyncio.gather(self._load_for(granted, tokens, futures, generation), *waits)
+
+    async def _load_for(
+        self,
+        lookups: list[Lookup],
+        tokens: dict[str, str],
+        futures: dict[str, asyncio.Future[Resolved]],
+        generation: int,
+    ) -> None:
+        try:
+            answers, _ = await self.load_and_fill(lookups, tokens, generation)
+        except Exception as exc:
+            for lookup in lookups:
+                futures[lookup.key].set_exception(exc)
+            return
+        for lookup in lookups:
+            futures[lookup.key].set_result(answers[lookup.key])
+
+    async def _wait(
+        self,
+        lookup: Lookup,
+        future: asyncio.Future[Resolved],
+        event: asyncio.Event | None,
+        pttl_ms: int,
+        generation: int,
+    ) -> None:
+        # Another caller holds the lease. Wait for its fill (the event was registered before the
+        # lease check, so a fill in between still wakes us), check again, and take the lease over
+        # if the holder died and its lease expired.
+        self._stats.lease_waits += 1
+        token = secrets.token_hex(8)
+        wait_s = min(_FIRST_WAIT_S, pttl_ms / 1000)
+        while True:
+            if event is None:
+                await asyncio.sleep(wait_s)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait_s):
+                        await event.wait()
+                event.clear()
+            request = LeaseRequest(lookup.key, token, lookup.family.tags)
+            try:
+                [lease] = await self._store.lease(
+                    [request], lease_ms=self._lease_ms, now_ms=self._now_ms(), generation=generation
+                )
+            except CacheUnavailable:
+                await self._bypass([lookup], {lookup.key: future})
+                return
+            if lease.kind is LeaseKind.VALUE:
+                future.set_result(_from_cache(lease.value, Outcome.MISS))
+                return
+            if lease.kind is LeaseKind.GRANTED:
+                await self._load_for([lookup], {lookup.key: token}, {lookup.key: future}, generation)
+                return
+            if lease.kind is LeaseKind.ERROR:
+                future.set_exception(RecentLoadFailure(lookup.key, lease.pttl_ms))
+                return
+            wait_s = min(wait_s * 2, _MAX_WAIT_S, max(lease.pttl_ms, 1) / 1000)
+
+    async def _bypass(self, lookups: list[Lookup], futures: dict[str, asyncio.Future[Resolved]]) -> None:
+        # Redis failed mid-flight: answer from the database without caching.
+        try:
+            loaded, _ = await self._loading.load(lookups)
+        except Exception as exc:
+            for lookup in lookups:
+                futures[lookup.key].set_exception(exc)
+            return
+        for lookup in lookups:
+            futures[lookup.key].set_result(
+                Resolved(loaded[lookup.family].get(lookup.item_id), Outcome.BYPASS)
+            )
+
+    async def _release_quietly(self, leases: list[tuple[str, str]]) -> None:
+        with contextlib.suppress(CacheUnavailable):  # if Redis is down, the leases expire on their own
+            await self._store.release(leases, error_ms=self._error_backoff_ms)
+
+
+def _from_cache(raw: bytes | None, outcome: Outcome) -> Resolved:
+    entry = envelope.unpack(raw) if raw is not None else None
+    if entry is None:
+        raise CacheUnavailable("the cache returned bytes this version cannot read")
+    return Resolved(entry.payload, outcome)
