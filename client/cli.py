@@ -107,12 +107,16 @@ def _build_parser() -> argparse.ArgumentParser:
     ).add_argument("ids", nargs="+")
     invalidate = rpc(
         "invalidate",
-        "drop every cached key of the named users and posts",
-        lambda a: pb.InvalidateRequest(user_ids=a.user, post_ids=a.post),
+        "drop every cached key of the named users, posts and tags, or of everything",
+        lambda a: pb.InvalidateRequest(user_ids=a.user, post_ids=a.post, tags=a.tag, everything=a.everything),
         INVALIDATE,
     )
     invalidate.add_argument("--user", action="append", default=[], help="a user id (repeatable)")
     invalidate.add_argument("--post", action="append", default=[], help="a post id (repeatable)")
+    invalidate.add_argument(
+        "--tag", action="append", default=[], help="post_lists or comment_lists (repeatable)"
+    )
+    invalidate.add_argument("--everything", action="store_true", help="every key of this deployment")
     warm = rpc(
         "warm",
         "cache the popular posts and active users now",

@@ -223,10 +223,16 @@ class CacheClient(_Base):
         return self.call(BATCH_GET_POSTS, pb.BatchGetPostsRequest(post_ids=post_ids)).response
 
     def invalidate(
-        self, *, user_ids: Sequence[str] = (), post_ids: Sequence[str] = ()
+        self,
+        *,
+        user_ids: Sequence[str] = (),
+        post_ids: Sequence[str] = (),
+        tags: Sequence[str] = (),
+        everything: bool = False,
     ) -> pb.InvalidateResponse:
-        """Drop every cached key of the users and posts (needs the admin token when one is set)."""
-        request = pb.InvalidateRequest(user_ids=user_ids, post_ids=post_ids)
+        """Drop every cached key of the users, posts and tags, or everything (needs the admin token
+        when one is set)."""
+        request = pb.InvalidateRequest(user_ids=user_ids, post_ids=post_ids, tags=tags, everything=everything)
         return self.call(INVALIDATE, request).response
 
     def warm(self, *, posts: int = 0, users: int = 0, active_within_s: float = 0) -> pb.WarmResponse:
@@ -330,10 +336,16 @@ class AsyncCacheClient(_Base):
         return (await self.call(BATCH_GET_POSTS, pb.BatchGetPostsRequest(post_ids=post_ids))).response
 
     async def invalidate(
-        self, *, user_ids: Sequence[str] = (), post_ids: Sequence[str] = ()
+        self,
+        *,
+        user_ids: Sequence[str] = (),
+        post_ids: Sequence[str] = (),
+        tags: Sequence[str] = (),
+        everything: bool = False,
     ) -> pb.InvalidateResponse:
-        """Drop every cached key of the users and posts (needs the admin token when one is set)."""
-        request = pb.InvalidateRequest(user_ids=user_ids, post_ids=post_ids)
+        """Drop every cached key of the users, posts and tags, or everything (needs the admin token
+        when one is set)."""
+        request = pb.InvalidateRequest(user_ids=user_ids, post_ids=post_ids, tags=tags, everything=everything)
         return (await self.call(INVALIDATE, request)).response
 
     async def warm(self, *, posts: int = 0, users: int = 0, active_within_s: float = 0) -> pb.WarmResponse:

@@ -19,8 +19,9 @@ from google.protobuf.message import Message
 from client.proto.cacheaside.v1 import cache_service_pb2 as pb
 from server import wire
 from server.cache import CacheEngine, CacheUnavailable, Family, LoadTimeout, Outcome, RecentLoadFailure
+from server.domain import invalidation
 from server.domain.catalog import Catalog
-from server.domain.keys import invalidation_targets
+from server.domain.keys import TAGS
 from server.errors import (
     CacheUnavailableForWrite,
     DatabaseUnavailable,
@@ -186,23 +187,35 @@ class CacheService:
     async def _invalidate(self, request: pb.InvalidateRequest, context: Any) -> bytes:
         user_ids = [check_id(f"user_ids[{i}]", v) for i, v in enumerate(request.user_ids)]
         post_ids = [check_id(f"post_ids[{i}]", v) for i, v in enumerate(request.post_ids)]
-        if not user_ids and not post_ids:
-            raise InvalidArgument("name at least one of user_ids or post_ids", reason="EMPTY_BATCH")
+        if not (user_ids or post_ids or request.tags or request.everything):
+            raise InvalidArgument(
+                "name at least one of user_ids, post_ids, tags, or everything", reason="EMPTY_BATCH"
+            )
         if len(user_ids) + len(post_ids) > MAX_INVALIDATE_IDS:
             raise InvalidArgument(
                 f"at most {MAX_INVALIDATE_IDS} ids per Invalidate; split the request",
                 reason="BATCH_TOO_LARGE",
             )
-        keys, tags = invalidation_targets(user_ids=user_ids, post_ids=post_ids)
+        targets = invalidation.for_ids(user_ids=user_ids, post_ids=post_ids)
+        for tag in request.tags:
+            if tag not in TAGS:
+                raise InvalidArgument(
+                    f"unknown tag {tag[:64]!r}; the tags are {', '.join(sorted(TAGS))}", reason="UNKNOWN_TAG"
+                )
+            targets.tags[TAGS[tag]] = None
         try:
-            deleted = await self._engine.invalidate(keys, tags)
+            deleted = await self._engine.invalidate(list(targets.keys), list(targets.tags))
+            if request.everything:
+                generation = await self._engine.invalidate_everything()
+            else:
+                generation = await self._engine.store.generation()
         except CacheUnavailable as exc:
             raise CacheUnavailableForWrite(
                 f"redis is unreachable ({exc}), so nothing was invalidated; retry when it is back"
             ) from exc
         if self._observer is not None:
             self._observer.invalidated(deleted)
-        return pb.InvalidateResponse(keys_invalidated=deleted).SerializeToString()
+        return pb.InvalidateResponse(keys_invalidated=deleted, generation=generation).SerializeToString()
 
     async def _warm(self, request: pb.WarmRequest, context: Any) -> bytes:
         posts = check_limit("popular_posts", request.popular_posts, default=0, maximum=MAX_WARM_ITEMS)

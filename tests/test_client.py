@@ -87,6 +87,8 @@ async def test_the_asyncio_client_returns_typed_messages(service: Running, db_en
         assert [p.id for p in (await client.batch_get_posts(["p1"])).posts] == ["p1"]
         assert len((await client.list_comments_by_author("alice", limit=1)).comments) == 1
         assert (await client.invalidate(user_ids=["alice"])).keys_invalidated >= 1
+        before = (await client.invalidate(tags=["post_lists"])).generation
+        assert (await client.invalidate(everything=True)).generation == before + 1
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await client.get_post("nope")
         assert raised.value.code() == grpc.StatusCode.NOT_FOUND

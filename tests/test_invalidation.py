@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grpc
 import redis.asyncio as aioredis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -10,7 +11,7 @@ from server.config import Settings
 from server.embedded_redis import EmbeddedRedis
 from tests.conftest import Running, start_service, stop_service
 from tests.data import add_comment, add_post, add_user, set_post, set_profile, set_user
-from tests.helpers import call
+from tests.helpers import call, error_of
 
 
 async def _cached_keys(redis_client: aioredis.Redis, prefix: str) -> set[str]:
@@ -127,3 +128,58 @@ async def test_one_request_invalidates_users_and_posts_together(
     assert response.keys_invalidated == 2
     _, meta = await call(service.stub.GetUser, pb.GetUserRequest(user_id="alice"))
     assert meta["x-cache"] == "miss"
+
+
+async def test_invalidate_by_tag_clears_every_list_of_that_tag_only(
+    service: Running, db_engine: AsyncEngine, redis_client: aioredis.Redis
+) -> None:
+    await add_user(db_engine, "alice")
+    await add_post(db_engine, "p1", "alice")
+    await add_comment(db_engine, "c1", "p1", "alice")
+    stub = service.stub
+    await call(stub.GetPost, pb.GetPostRequest(post_id="p1"))
+    await call(stub.GetTrending, pb.GetTrendingRequest())
+    await call(stub.ListPostsByAuthor, pb.ListPostsByAuthorRequest(author_id="alice"))
+    await call(stub.ListCommentsByAuthor, pb.ListCommentsByAuthorRequest(author_id="alice"))
+
+    response, _ = await call(stub.Invalidate, pb.InvalidateRequest(tags=["post_lists"]))
+    assert response.keys_invalidated == 2
+    remaining = await _cached_keys(redis_client, service.prefix)
+    assert {"post:p1", "comments:author:alice"} <= remaining
+    assert not {"posts:trending", "posts:author:alice"} & remaining
+
+    response, _ = await call(stub.Invalidate, pb.InvalidateRequest(tags=["comment_lists"]))
+    assert response.keys_invalidated == 1
+    code, details, reason = await error_of(stub.Invalidate, pb.InvalidateRequest(tags=["posts:*"]))
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "UNKNOWN_TAG")
+    assert "post_lists" in details
+
+
+async def test_invalidate_everything_bumps_the_generation_without_touching_keys(
+    settings: Settings, db_engine: AsyncEngine
+) -> None:
+    with EmbeddedRedis() as private:
+        running = await start_service(settings, redis_url=private.url)
+        admin = aioredis.Redis.from_url(private.url)
+        try:
+            await add_user(db_engine, "alice")
+            await add_post(db_engine, "p1", "alice", title="v1")
+            await call(running.stub.GetPost, pb.GetPostRequest(post_id="p1"))
+            await call(running.stub.GetUser, pb.GetUserRequest(user_id="alice"))
+            await set_post(db_engine, "p1", title="v2")
+            await admin.config_resetstat()
+
+            response, _ = await call(running.stub.Invalidate, pb.InvalidateRequest(everything=True))
+            assert response.generation == 1
+            stats = await admin.info("commandstats")
+            assert stats["cmdstat_incrby"]["calls"] == 1  # redis-py sends INCR as INCRBY
+            assert not {"cmdstat_del", "cmdstat_keys", "cmdstat_scan", "cmdstat_evalsha"} & set(stats), stats
+            fresh, meta = await call(running.stub.GetPost, pb.GetPostRequest(post_id="p1"))
+            assert (fresh.post.title, meta["x-cache"]) == ("v2", "miss")
+            _, meta = await call(running.stub.GetUser, pb.GetUserRequest(user_id="alice"))
+            assert meta["x-cache"] == "miss"
+            _, meta = await call(running.stub.GetUser, pb.GetUserRequest(user_id="alice"))
+            assert meta["x-cache"] == "hit", "caching goes on in the new generation"
+        finally:
+            await admin.aclose()
+            await stop_service(running)

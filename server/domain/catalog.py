@@ -49,5 +49,10 @@ def build_catalog(settings: Settings, queries: Queries) -> Catalog:
         trending=family("trending", keys.TRENDING, queries.trending, lists),
         archived=family("archived", keys.ARCHIVED, queries.archived, lists),
         posts_by_author=family("posts_by_author", keys.POSTS_BY_AUTHOR, queries.posts_by_author, lists),
-        comments_by_author=family("comments_by_author", keys.COMMENTS_BY_AUTHOR, queries.comments_by_author),
+        comments_by_author=family(
+            "comments_by_author",
+            keys.COMMENTS_BY_AUTHOR,
+            queries.comments_by_author,
+            (keys.COMMENT_LISTS_TAG,),
+        ),
     )

@@ -643,12 +643,20 @@ Global___BatchGetPostsResponse: _TypeAlias = BatchGetPostsResponse  # noqa: Y015
 
 @_typing.final
 class InvalidateRequest(_message.Message):
-    """Request for Invalidate. At least one id is required; at most 1000 ids in all."""
+    """Request for Invalidate. Name at least one id, tag, or everything; at most 1000 ids in all.
+    Everything one request names is invalidated in one atomic step.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     USER_IDS_FIELD_NUMBER: _builtins.int
     POST_IDS_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
+    EVERYTHING_FIELD_NUMBER: _builtins.int
+    everything: _builtins.bool
+    """Invalidate every key of this deployment at once by bumping its namespace generation: O(1), no
+    scan. An admin operation; the old entries expire by their TTL.
+    """
     @_builtins.property
     def user_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Users whose every key family is invalidated: user, user_profile, user_settings, posts:author,
@@ -659,15 +667,23 @@ class InvalidateRequest(_message.Message):
     def post_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Posts whose key, and every cached post list (trending, archived, author lists), are invalidated."""
 
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Tags whose every member key is invalidated: "post_lists" (trending, archived and every author's
+        posts) and "comment_lists" (every author's comments). Other names are INVALID_ARGUMENT.
+        """
+
     def __init__(
         self,
         *,
         user_ids: _abc.Iterable[_builtins.str] | None = ...,
         post_ids: _abc.Iterable[_builtins.str] | None = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
+        everything: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["post_ids", b"post_ids", "user_ids", b"user_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["everything", b"everything", "post_ids", b"post_ids", "tags", b"tags", "user_ids", b"user_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -680,16 +696,20 @@ class InvalidateResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     KEYS_INVALIDATED_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
     keys_invalidated: _builtins.int
-    """How many cached keys existed and were deleted."""
+    """How many cached keys existed and were deleted (not counting an `everything` bump)."""
+    generation: _builtins.int
+    """The namespace generation after the call; it changes only when everything was invalidated."""
     def __init__(
         self,
         *,
         keys_invalidated: _builtins.int = ...,
+        generation: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys_invalidated", b"keys_invalidated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "keys_invalidated", b"keys_invalidated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
