@@ -14,12 +14,28 @@ from typing import Any
 import grpc
 from google.protobuf import json_format, text_format
 from google.protobuf.message import Message
+from grpc_health.v1 import health_pb2
 
+from client import stats
+from client.client import (
+    BATCH_GET_POSTS,
+    BATCH_GET_USERS,
+    DEFAULT_TARGET,
+    DEFAULT_TIMEOUT_S,
+    GET_ARCHIVED,
+    GET_POST,
+    GET_TRENDING,
+    GET_USER,
+    INVALIDATE,
+    LIST_COMMENTS_BY_AUTHOR,
+    LIST_POSTS_BY_AUTHOR,
+    WARM,
+    CacheClient,
+    Rpc,
+    metadata_dict,
+    tls_credentials,
+)
 from client.proto.cacheaside.v1 import cache_service_pb2 as pb
-from client.proto.cacheaside.v1 import cache_service_pb2_grpc as pb_grpc
-
-DEFAULT_TARGET = "127.0.0.1:50051"
-DEFAULT_TIMEOUT_S = 10.0
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -28,6 +44,12 @@ def _build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the gRPC server (settings from CACHEASIDE_*)")
     serve.add_argument("--demo", action="store_true", help="migrate and seed an empty database first")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes sharing the port with SO_REUSEPORT (default CACHEASIDE_WORKERS, 1)",
+    )
     serve.set_defaults(run=_serve)
 
     database = commands.add_parser("db", help="manage the database named by CACHEASIDE_DATABASE_URL")
@@ -39,62 +61,67 @@ def _build_parser() -> argparse.ArgumentParser:
     seed.add_argument("--comments", type=int, default=20_000)
     seed.set_defaults(run=_db_seed)
 
-    def rpc(name: str, help_text: str, call: Callable[[argparse.Namespace], Message], method: str) -> Any:
+    def rpc(
+        name: str, help_text: str, call: Callable[[argparse.Namespace], Message], method: Rpc[Any, Any]
+    ) -> Any:
         command = commands.add_parser(name, help=help_text)
-        command.add_argument("--target", default=os.environ.get("CACHEASIDE_TARGET", DEFAULT_TARGET))
-        command.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="deadline in seconds")
+        _connection_options(command)
         command.add_argument("--json", action="store_true", help="print the response as JSON")
         command.set_defaults(run=lambda args: _call(args, method, call(args)))
         return command
 
     rpc(
-        "get-user", "one user", lambda a: pb.GetUserRequest(user_id=a.id, view=_view(a)), "GetUser"
+        "get-user", "one user", lambda a: pb.GetUserRequest(user_id=a.id, view=_view(a)), GET_USER
     ).add_argument("id")
-    rpc("get-post", "one post", lambda a: pb.GetPostRequest(post_id=a.id), "GetPost").add_argument("id")
+    rpc("get-post", "one post", lambda a: pb.GetPostRequest(post_id=a.id), GET_POST).add_argument("id")
     rpc(
         "trending",
         "most viewed published posts",
         lambda a: pb.GetTrendingRequest(limit=a.limit),
-        "GetTrending",
+        GET_TRENDING,
     )
-    rpc("archived", "latest archived posts", lambda a: pb.GetArchivedRequest(limit=a.limit), "GetArchived")
+    rpc("archived", "latest archived posts", lambda a: pb.GetArchivedRequest(limit=a.limit), GET_ARCHIVED)
     rpc(
         "posts-by-author",
         "an author's newest posts",
         lambda a: pb.ListPostsByAuthorRequest(author_id=a.id, limit=a.limit),
-        "ListPostsByAuthor",
+        LIST_POSTS_BY_AUTHOR,
     ).add_argument("id")
     rpc(
         "comments-by-author",
         "an author's newest comments",
         lambda a: pb.ListCommentsByAuthorRequest(author_id=a.id, limit=a.limit),
-        "ListCommentsByAuthor",
+        LIST_COMMENTS_BY_AUTHOR,
     ).add_argument("id")
     rpc(
         "batch-get-posts",
         "up to 100 posts",
         lambda a: pb.BatchGetPostsRequest(post_ids=a.ids),
-        "BatchGetPosts",
+        BATCH_GET_POSTS,
     ).add_argument("ids", nargs="+")
     rpc(
         "batch-get-users",
         "up to 100 users",
         lambda a: pb.BatchGetUsersRequest(user_ids=a.ids, view=_view(a)),
-        "BatchGetUsers",
+        BATCH_GET_USERS,
     ).add_argument("ids", nargs="+")
     invalidate = rpc(
         "invalidate",
-        "drop every cached key of the named users and posts",
-        lambda a: pb.InvalidateRequest(user_ids=a.user, post_ids=a.post),
-        "Invalidate",
+        "drop every cached key of the named users, posts and tags, or of everything",
+        lambda a: pb.InvalidateRequest(user_ids=a.user, post_ids=a.post, tags=a.tag, everything=a.everything),
+        INVALIDATE,
     )
     invalidate.add_argument("--user", action="append", default=[], help="a user id (repeatable)")
     invalidate.add_argument("--post", action="append", default=[], help="a post id (repeatable)")
+    invalidate.add_argument(
+        "--tag", action="append", default=[], help="post_lists or comment_lists (repeatable)"
+    )
+    invalidate.add_argument("--everything", action="store_true", help="every key of this deployment")
     warm = rpc(
         "warm",
         "cache the popular posts and active users now",
         lambda a: pb.WarmRequest(popular_posts=a.posts, active_users=a.users),
-        "Warm",
+        WARM,
     )
     warm.add_argument("--posts", type=int, default=0, help="how many posts (0: the server's default)")
     warm.add_argument("--users", type=int, default=0, help="how many users (0: the server's default)")
@@ -104,33 +131,102 @@ def _build_parser() -> argparse.ArgumentParser:
         commands.choices[name].add_argument(
             "--full", action="store_true", help="include profile and settings"
         )
+
+    health = commands.add_parser(
+        "health", help="grpc.health.v1 check; exit 0 when SERVING (the container's HEALTHCHECK)"
+    )
+    _connection_options(health, timeout_s=3.0)
+    health.add_argument("--service", default="", help='"" (the server) or cacheaside.v1.CacheService')
+    health.add_argument("--json", action="store_true", help="print the status as JSON")
+    health.set_defaults(run=_health)
+
+    stats_command = commands.add_parser(
+        "stats", help="a summary of one server's metrics: calls, cache outcomes, Redis, database, warming"
+    )
+    stats_command.add_argument(
+        "--metrics-url",
+        default=os.environ.get("CACHEASIDE_METRICS_URL", stats.DEFAULT_METRICS_URL),
+        help="the server's /metrics (default CACHEASIDE_METRICS_URL or %(default)s)",
+    )
+    stats_command.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds")
+    stats_command.add_argument("--json", action="store_true", help="print the summary as JSON")
+    stats_command.set_defaults(run=_stats)
     return parser
+
+
+def _connection_options(command: argparse.ArgumentParser, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    env = os.environ.get
+    command.add_argument("--target", default=env("CACHEASIDE_TARGET", DEFAULT_TARGET), help="host:port")
+    command.add_argument("--timeout", type=float, default=timeout_s, help="deadline in seconds")
+    command.add_argument(
+        "--token", default=env("CACHEASIDE_TOKEN", ""), help="bearer token (default CACHEASIDE_TOKEN)"
+    )
+    command.add_argument("--tls", action="store_true", help="TLS, trusting the system's CAs or --ca-file")
+    command.add_argument(
+        "--ca-file", default=env("CACHEASIDE_CLIENT_CA_FILE", ""), help="CA of the server's certificate"
+    )
+    command.add_argument(
+        "--cert-file", default=env("CACHEASIDE_CLIENT_CERT_FILE", ""), help="client certificate (mTLS)"
+    )
+    command.add_argument(
+        "--key-file", default=env("CACHEASIDE_CLIENT_KEY_FILE", ""), help="client private key (mTLS)"
+    )
+
+
+def _client(args: argparse.Namespace, *, max_attempts: int | None = None) -> CacheClient:
+    credentials = None
+    if args.tls or args.ca_file or args.cert_file:
+        credentials = tls_credentials(
+            ca_file=args.ca_file or None, cert_file=args.cert_file or None, key_file=args.key_file or None
+        )
+    extra = {} if max_attempts is None else {"max_attempts": max_attempts}
+    return CacheClient(
+        args.target, timeout_s=args.timeout, token=args.token or None, credentials=credentials, **extra
+    )
 
 
 def _view(args: argparse.Namespace) -> pb.UserView.ValueType:
     return pb.USER_VIEW_FULL if getattr(args, "full", False) else pb.USER_VIEW_BASIC
 
 
-def _call(args: argparse.Namespace, method: str, request: Message) -> int:
-    with grpc.insecure_channel(args.target) as channel:
-        stub = pb_grpc.CacheServiceStub(channel)
+def _call(args: argparse.Namespace, method: Rpc[Any, Any], request: Message) -> int:
+    with _client(args) as client:
         try:
-            response, call = getattr(stub, method).with_call(request, timeout=args.timeout)
+            reply = client.call(method, request)
         except grpc.RpcError as error:
-            print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
+            trailers = metadata_dict(error.trailing_metadata())
+            request_id = f" (request id {trailers['x-request-id']})" if "x-request-id" in trailers else ""
+            print(f"error: {error.code().name}: {error.details()}{request_id}", file=sys.stderr)
             return 1
-    metadata = dict(call.initial_metadata() or ())
     if args.json:
-        body = json_format.MessageToDict(response, preserving_proto_field_name=True)
-        print(
-            json.dumps(
-                {"cache": metadata.get("x-cache"), "tier": metadata.get("x-cache-tier"), **body}, indent=2
-            )
-        )
+        body = json_format.MessageToDict(reply.response, preserving_proto_field_name=True)
+        print(json.dumps({"cache": reply.cache, "tier": reply.tier, **body}, indent=2))
     else:
-        if "x-cache" in metadata:
-            print(f"# x-cache: {metadata['x-cache']}  x-cache-tier: {metadata.get('x-cache-tier')}")
-        print(text_format.MessageToString(response), end="")
+        if reply.cache is not None:
+            print(f"# x-cache: {reply.cache}  x-cache-tier: {reply.tier}")
+        print(text_format.MessageToString(reply.response), end="")
+    return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    # A probe answers now or fails: no retries stretching it past the orchestrator's own timeout.
+    with _client(args, max_attempts=1) as client:
+        try:
+            status = health_pb2.HealthCheckResponse.ServingStatus.Name(client.health(args.service))
+        except grpc.RpcError as error:
+            status = f"{error.code().name}: {error.details()}"
+    print(json.dumps({"service": args.service, "status": status}) if args.json else status)
+    return 0 if status == "SERVING" else 1
+
+
+def _stats(args: argparse.Namespace) -> int:
+    try:
+        text = stats.scrape(args.metrics_url, timeout_s=args.timeout)
+    except OSError as exc:
+        print(f"error: cannot read {args.metrics_url}: {exc}", file=sys.stderr)
+        return 1
+    summary = stats.summarize(text)
+    print(json.dumps(summary, indent=2) if args.json else stats.render(summary))
     return 0
 
 
@@ -141,9 +237,18 @@ def _settings() -> Any:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from server.logs import configure_logging
+
+    settings = _settings()
+    configure_logging(settings.log_level, settings.log_format)
+    workers = args.workers or settings.workers
+    if workers > 1:
+        from server.workers import run_workers
+
+        return run_workers(settings, workers, demo=args.demo)
     from server.app import serve
 
-    asyncio.run(serve(_settings(), demo=args.demo))
+    asyncio.run(serve(settings, demo=args.demo))
     return 0
 
 

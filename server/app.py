@@ -9,20 +9,34 @@ import signal
 from dataclasses import dataclass, field
 
 import grpc
+from grpc_health.v1 import health, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from server import db
+from server import db, tls
+from server.auth import AuthInterceptor
 from server.cache import CacheEngine, FillNotifier, RedisStore
 from server.config import Settings
 from server.domain.catalog import build_catalog
 from server.domain.keys import key_prefix
 from server.domain.queries import Queries
 from server.embedded_redis import EmbeddedRedis
+from server.health import HealthChecker
 from server.invalidator import OutboxInvalidator
+from server.metrics import Metrics, MetricsServer
+from server.observability import ObservabilityInterceptor
 from server.service import SERVICE_NAME, CacheService
 from server.warming import Warmer
 
 _LOGGER = logging.getLogger(__name__)
+# Clients ping every 30 s (client/client.py); grpcio's default would answer pings more often than every
+# 5 minutes with GOAWAY "too_many_pings". The server pings idle clients to drop dead connections.
+_KEEPALIVE_OPTIONS = (
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+)
 
 
 @dataclass
@@ -35,15 +49,25 @@ class App:
     warmer: Warmer
     database: AsyncEngine
     settings: Settings
+    health: HealthChecker
+    metrics: Metrics
+    metrics_server: MetricsServer | None = None
     invalidator: OutboxInvalidator | None = None
     startup_warm: asyncio.Task[None] | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def start(self) -> None:
-        """Serve, and warm at startup and on the interval if the settings ask."""
+        """Serve, check health on the interval, serve metrics, warm if the settings ask."""
+        # The first check comes before the port serves, so no probe ever sees a status nobody checked.
+        await self.health.check()
         if self.engine.notifier is not None:
             self.engine.notifier.start()
         await self.server.start()
+        self._tasks.append(
+            asyncio.create_task(self.health.run_every(self.settings.health_interval_ms / 1000))
+        )
+        if self.settings.metrics_listen:
+            self.metrics_server = self.metrics.serve_http(self.settings.metrics_listen)
         if self.invalidator is not None:
             self._tasks.append(asyncio.create_task(self.invalidator.run()))
         if self.settings.warm_on_start:
@@ -53,6 +77,11 @@ class App:
         if self.settings.warm_interval_s:
             self._tasks.append(asyncio.create_task(self.warmer.run_every(self.settings.warm_interval_s)))
 
+    async def shutdown(self) -> None:
+        """The graceful stop, on SIGTERM: health NOT_SERVING, then in-flight calls finish, new ones fail."""
+        await self.health.enter_graceful_shutdown()
+        await self.stop()
+
     async def stop(self, grace_s: float | None = None) -> None:
         """Let in-flight calls finish for up to grace_s, then release Redis and the database."""
         for task in self._tasks:
@@ -60,6 +89,10 @@ class App:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         grace_s = self.settings.shutdown_grace_s if grace_s is None else grace_s
         await self.server.stop(grace_s)
+        if self.metrics_server is not None:
+            # A thread join; quick, since the server's loop wakes every half second at most.
+            await asyncio.to_thread(self.metrics_server.stop)
+        await self.health.close()
         await self.engine.close(grace_s)
         if self.engine.notifier is not None:
             await self.engine.notifier.close()
@@ -67,8 +100,19 @@ class App:
         await self.database.dispose()
 
 
-def create_app(settings: Settings, *, redis_url: str | None = None) -> App:
-    """Build the whole service and bind its port; nothing is served until `start`."""
+def create_app(
+    settings: Settings,
+    *,
+    redis_url: str | None = None,
+    reuse_port: bool = False,
+    worker: int | None = None,
+) -> App:
+    """Build the whole service and bind its port; nothing is served until `start`.
+
+    reuse_port lets several processes bind the same port (`serve --workers`); otherwise a port another
+    server holds is an error, not a silent share.
+    """
+    metrics = Metrics(worker=worker)
     redis_url = redis_url or settings.redis_url
     store = RedisStore.connect(
         redis_url,
@@ -101,7 +145,8 @@ def create_app(settings: Settings, *, redis_url: str | None = None) -> App:
     )
     database = db.create_engine(settings)
     queries = Queries(database)
-    catalog = build_catalog(settings, queries)
+    catalog = metrics.timed_catalog(build_catalog(settings, queries))
+    metrics.watch_engine(engine)
     warmer = Warmer(
         engine,
         catalog,
@@ -109,13 +154,46 @@ def create_app(settings: Settings, *, redis_url: str | None = None) -> App:
         default_posts=settings.warm_posts,
         default_users=settings.warm_users,
         default_active_within_s=settings.warm_active_within_s,
+        observe=metrics.warmed,
     )
-    server = grpc.aio.server()
+    checker = HealthChecker(
+        services=(SERVICE_NAME,),
+        database=database,
+        redis_url=redis_url,
+        timeout_s=settings.db_timeout_ms / 1000,
+        redis_timeout_s=settings.redis_timeout_ms / 1000,
+        metrics=metrics,
+    )
+    server = grpc.aio.server(
+        # Outermost first: rejected calls are counted and carry a request id too.
+        interceptors=[
+            ObservabilityInterceptor(metrics),
+            AuthInterceptor(
+                service=SERVICE_NAME,
+                admin_token=settings.admin_token.get_secret_value(),
+                read_token=settings.read_token.get_secret_value(),
+            ),
+        ],
+        # grpcio sets SO_REUSEPORT by default, which would let two servers share a port by accident.
+        options=[("grpc.so_reuseport", int(reuse_port)), *_KEEPALIVE_OPTIONS],
+    )
     # Registered methods skip grpcio's generic lookup per call; grpc-stubs predates the API.
     server.add_registered_method_handlers(  # type: ignore[attr-defined]
-        SERVICE_NAME, CacheService(engine, catalog, warmer).method_handlers()
+        SERVICE_NAME, CacheService(engine, catalog, warmer, observer=metrics).method_handlers()
     )
-    port = server.add_insecure_port(settings.listen)
+    health_pb2_grpc.add_HealthServicer_to_server(checker.servicer, server)
+    if settings.reflection:
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+    credentials = tls.server_credentials(settings)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(settings.listen)
+        else:
+            port = server.add_secure_port(settings.listen, credentials)
+    except RuntimeError as exc:  # grpcio raises where it used to return 0
+        raise RuntimeError(f"could not listen on {settings.listen}: {exc}") from exc
     if port == 0:
         raise RuntimeError(f"could not listen on {settings.listen}")
     invalidator = None
@@ -134,11 +212,15 @@ def create_app(settings: Settings, *, redis_url: str | None = None) -> App:
         warmer=warmer,
         database=database,
         settings=settings,
+        health=checker,
+        metrics=metrics,
         invalidator=invalidator,
     )
 
 
-async def serve(settings: Settings, *, demo: bool = False) -> None:
+async def serve(
+    settings: Settings, *, demo: bool = False, reuse_port: bool = False, worker: int | None = None
+) -> None:
     """Serve until SIGINT or SIGTERM, with a private Redis when none is configured."""
     with contextlib.ExitStack() as stack:
         redis_url = settings.redis_url
@@ -151,10 +233,20 @@ async def serve(settings: Settings, *, demo: bool = False) -> None:
             from server.demo import prepare_demo_database
 
             await prepare_demo_database(settings)
-        app = create_app(settings, redis_url=redis_url)
+        app = create_app(settings, redis_url=redis_url, reuse_port=reuse_port, worker=worker)
         await app.start()
         _LOGGER.info(
-            "cacheaside serving on port %d (database %s)", app.port, _without_password(settings.database_url)
+            "cacheaside serving on port %d (database %s)",
+            app.port,
+            _without_password(settings.database_url),
+            extra={
+                "tls": bool(settings.tls_cert_file),
+                "mtls": bool(settings.tls_client_ca_file),
+                "metrics_port": app.metrics_server.port if app.metrics_server else None,
+                "admin_token": bool(settings.admin_token.get_secret_value()),
+                "read_token": bool(settings.read_token.get_secret_value()),
+                "worker": worker,
+            },
         )
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -162,7 +254,8 @@ async def serve(settings: Settings, *, demo: bool = False) -> None:
             loop.add_signal_handler(signum, stopping.set)
         await stopping.wait()
         _LOGGER.info("shutting down: in-flight calls get %.1fs", settings.shutdown_grace_s)
-        await app.stop()
+        await app.shutdown()
+        _LOGGER.info("stopped")
 
 
 def _without_password(url: str) -> str:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./cacheaside.db"
@@ -64,6 +64,17 @@ class Settings(BaseSettings):
     warm_active_within_s: int = Field(default=86400, gt=0)
     shutdown_grace_s: float = Field(default=5.0, ge=0)
     log_level: str = "INFO"
+    # Platform: health, metrics, logs, workers, auth and TLS (the README's table documents each).
+    health_interval_ms: int = Field(default=1000, gt=0)
+    reflection: bool = True
+    metrics_listen: str = ""
+    log_format: Literal["json", "text"] = "json"
+    workers: int = Field(default=1, ge=1, le=64)
+    admin_token: SecretStr = SecretStr("")
+    read_token: SecretStr = SecretStr("")
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
 
     @model_validator(mode="after")
     def _lease_outlives_a_load(self) -> Settings:

@@ -1,14 +1,20 @@
 """One table from the service's errors to gRPC status codes, each with a reason a caller can act on.
 
 Statuses follow google.rpc.Status with an ErrorInfo (domain "cacheaside"), sent with grpcio-status.
+An error's trailing metadata also carries the call's `x-request-id`, since aborting replaces whatever
+trailing metadata was set before, and a failed call is the one a caller most needs to quote.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
+
+from server.logs import REQUEST_ID
 
 ERROR_DOMAIN = "cacheaside"
 
@@ -53,6 +59,13 @@ class CacheUnavailableForWrite(ServiceError):
     default_reason = "CACHE_UNAVAILABLE"
 
 
+class Unauthenticated(ServiceError):
+    """The call needs a bearer token it did not carry, or carried one that is not valid for it."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    default_reason = "UNAUTHENTICATED"
+
+
 class DeadlineExceeded(ServiceError):
     """The caller's deadline passed before the answer was ready."""
 
@@ -66,4 +79,18 @@ def to_status(error: ServiceError) -> grpc.Status:
     detail = any_pb2.Any()
     detail.Pack(info)
     status = status_pb2.Status(code=error.code.value[0], message=error.message, details=[detail])
-    return rpc_status.to_status(status)
+    converted = rpc_status.to_status(status)
+    request_id = REQUEST_ID.get()
+    if request_id is None:
+        return converted
+    return _Status(
+        converted.code, converted.details, (*converted.trailing_metadata, ("x-request-id", request_id))
+    )
+
+
+class _Status(grpc.Status):
+    # grpc.Status is an abstract interface; grpcio-status builds its own the same way.
+    def __init__(self, code: grpc.StatusCode, details: str, trailing_metadata: tuple[Any, ...]) -> None:
+        self.code = code
+        self.details = details
+        self.trailing_metadata = trailing_metadata

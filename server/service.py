@@ -11,14 +11,22 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from google.protobuf.message import Message
 
 from client.proto.cacheaside.v1 import cache_service_pb2 as pb
 from server import wire
-from server.cache import CacheEngine, CacheUnavailable, Family, FlightTimeout, LoadTimeout, RecentLoadFailure
+from server.cache import (
+    CacheEngine,
+    CacheUnavailable,
+    Family,
+    FlightTimeout,
+    LoadTimeout,
+    Outcome,
+    RecentLoadFailure,
+)
 from server.domain import invalidation
 from server.domain.catalog import Catalog
 from server.domain.keys import TAGS
@@ -55,13 +63,33 @@ class ReadPlan:
 Handler = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[bytes]]
 
 
+class ServiceObserver(Protocol):
+    """What the handlers report as they serve (the metrics implement it)."""
+
+    def read_recorder(self, rpc: str) -> Callable[[Outcome, str], None]:
+        """A function called once per read of `rpc` with its outcome and tier; built once per RPC."""
+        ...
+
+    def invalidated(self, keys: int) -> None:
+        """An Invalidate call deleted `keys` cached keys."""
+        ...
+
+
 class CacheService:
     """The handlers of cacheaside.v1.CacheService over an engine, a catalog and a warmer."""
 
-    def __init__(self, engine: CacheEngine, catalog: Catalog, warmer: Warmer) -> None:
+    def __init__(
+        self,
+        engine: CacheEngine,
+        catalog: Catalog,
+        warmer: Warmer,
+        *,
+        observer: ServiceObserver | None = None,
+    ) -> None:
         self._engine = engine
         self._catalog = catalog
         self._warmer = warmer
+        self._observer = observer
 
     def method_handlers(self) -> dict[str, grpc.RpcMethodHandler[Any, bytes]]:
         """Every RPC of the service, by method name."""
@@ -75,17 +103,21 @@ class CacheService:
             "BatchGetUsers": (pb.BatchGetUsersRequest, self._plan_batch_users),
             "BatchGetPosts": (pb.BatchGetPostsRequest, self._plan_batch_posts),
         }
-        handlers = {name: _unary(request, self._read(plan)) for name, (request, plan) in reads.items()}
+        handlers = {name: _unary(request, self._read(name, plan)) for name, (request, plan) in reads.items()}
         handlers["Invalidate"] = _unary(pb.InvalidateRequest, _guarded(self._invalidate))
         handlers["Warm"] = _unary(pb.WarmRequest, _guarded(self._warm))
         return handlers
 
     # The generic cache-aside path -------------------------------------------------------------
 
-    def _read(self, plan_of: Callable[[Any], ReadPlan]) -> Handler:
+    def _read(self, rpc: str, plan_of: Callable[[Any], ReadPlan]) -> Handler:
+        record = self._observer.read_recorder(rpc) if self._observer is not None else None
+
         async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
             plan = plan_of(request)
             fetched = await _within_deadline(context, self._engine.fetch(plan.lookups))
+            if record is not None:
+                record(fetched.outcome, plan.lookups[0][0].tier)
             payloads = fetched.payloads
             if None in payloads:
                 missing = [
@@ -189,6 +221,8 @@ class CacheService:
             raise CacheUnavailableForWrite(
                 f"redis is unreachable ({exc}), so nothing was invalidated; retry when it is back"
             ) from exc
+        if self._observer is not None:
+            self._observer.invalidated(deleted)
         return pb.InvalidateResponse(keys_invalidated=deleted, generation=generation).SerializeToString()
 
     async def _warm(self, request: pb.WarmRequest, context: Any) -> bytes:

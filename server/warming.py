@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -35,6 +37,7 @@ class Warmer:
         default_posts: int,
         default_users: int,
         default_active_within_s: float,
+        observe: Callable[[WarmResult | None, float], None] | None = None,
     ) -> None:
         self._engine = engine
         self._catalog = catalog
@@ -42,11 +45,24 @@ class Warmer:
         self._default_posts = default_posts
         self._default_users = default_users
         self._default_active_within_s = default_active_within_s
+        self._observe = observe
 
     async def warm(
         self, *, posts: int | None = None, users: int | None = None, active_within_s: float | None = None
     ) -> WarmResult:
         """Warm now; None means the configured default. Raises CacheUnavailable if Redis is down."""
+        started = time.monotonic()
+        try:
+            result = await self._warm(posts, users, active_within_s)
+        except BaseException:
+            if self._observe is not None:
+                self._observe(None, time.monotonic() - started)
+            raise
+        if self._observe is not None:
+            self._observe(result, time.monotonic() - started)
+        return result
+
+    async def _warm(self, posts: int | None, users: int | None, active_within_s: float | None) -> WarmResult:
         within = timedelta(seconds=active_within_s or self._default_active_within_s)
         popular = await self._queries.popular_post_ids(posts or self._default_posts)
         active = await self._queries.active_user_ids(users or self._default_users, datetime.now(UTC) - within)

@@ -74,6 +74,7 @@ async def test_cli_calls_print_the_answer_and_its_cache_outcome(
     code, _, err = await _run_async("get-post", "nope", "--target", service.target)
     assert code == 1
     assert "NOT_FOUND" in err
+    assert "(request id " in err, "a failed call names its request id, to find it in the server's log"
 
 
 def test_db_upgrade_then_serve_demo_with_a_private_redis(tmp_path: Path) -> None:

@@ -1,0 +1,175 @@
+"""Metrics after a known sequence of calls, the dashboard's queries, request ids and JSON log lines."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import re
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from client.proto.cacheaside.v1 import cache_service_pb2 as pb
+from server.config import Settings
+from server.logs import JsonFormatter
+from tests.conftest import Running, start_service, stop_service
+from tests.data import add_post, add_user
+from tests.helpers import call, error_of
+
+DASHBOARD = Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "cacheaside.json"
+
+
+async def _scrape(running: Running) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    server = running.app.metrics_server
+    assert server is not None, "CACHEASIDE_METRICS_LISTEN was set"
+
+    def fetch() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5) as response:
+            return str(response.read().decode())
+
+    samples = {}
+    for family in text_string_to_metric_families(await asyncio.to_thread(fetch)):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def _value(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+async def test_metrics_count_a_known_sequence_of_calls(settings: Settings, db_engine: AsyncEngine) -> None:
+    await add_user(db_engine, "alice")
+    await add_post(db_engine, "p1", "alice", views=10)
+    running = await start_service(settings, metrics_listen="127.0.0.1:0")
+    try:
+        stub = running.stub
+        await call(stub.GetPost, pb.GetPostRequest(post_id="p1"))  # miss
+        await call(stub.GetPost, pb.GetPostRequest(post_id="p1"))  # hit
+        await error_of(stub.GetPost, pb.GetPostRequest(post_id="nope"))  # miss, NOT_FOUND
+        await call(stub.GetUser, pb.GetUserRequest(user_id="alice", view=pb.USER_VIEW_FULL))  # 3 loads
+        await error_of(stub.GetTrending, pb.GetTrendingRequest(limit=1000))  # INVALID_ARGUMENT, no fetch
+        response, _ = await call(stub.Invalidate, pb.InvalidateRequest(post_ids=["p1"]))
+        assert response.keys_invalidated == 1
+        await call(stub.Warm, pb.WarmRequest(popular_posts=1, active_users=1))
+        await call(stub.GetPost, pb.GetPostRequest(post_id="p1"))  # warmed: hit
+
+        samples = await _scrape(running)
+        requests = "cacheaside_rpc_requests_total"
+        assert _value(samples, requests, rpc="GetPost", code="OK") == 3
+        assert _value(samples, requests, rpc="GetPost", code="NOT_FOUND") == 1
+        assert _value(samples, requests, rpc="GetUser", code="OK") == 1
+        assert _value(samples, requests, rpc="GetTrending", code="INVALID_ARGUMENT") == 1
+        assert _value(samples, requests, rpc="Invalidate", code="OK") == 1
+        assert _value(samples, requests, rpc="Warm", code="OK") == 1
+        assert _value(samples, "cacheaside_rpc_duration_seconds_count", rpc="GetPost") == 4
+
+        outcomes = "cacheaside_cache_outcomes_total"
+        assert _value(samples, outcomes, rpc="GetPost", outcome="miss", tier="warm") == 2
+        assert _value(samples, outcomes, rpc="GetPost", outcome="hit", tier="warm") == 2
+        assert _value(samples, outcomes, rpc="GetUser", outcome="miss", tier="warm") == 1
+        assert not any(name == outcomes and ("rpc", "GetTrending") in labels for name, labels in samples)
+
+        loads = "cacheaside_db_loads_total"
+        # Two misses and the warming, which loads through the families' loaders too.
+        assert _value(samples, loads, family="post", result="ok") == 3
+        assert _value(samples, loads, family="user", result="ok") == 2
+        for family in ("user_profile", "user_settings"):
+            assert _value(samples, loads, family=family, result="ok") == 1
+        assert _value(samples, "cacheaside_db_load_duration_seconds_count", family="post") == 3
+
+        assert _value(samples, "cacheaside_invalidations_total") == 1
+        assert _value(samples, "cacheaside_invalidated_keys_total") == 1
+        assert _value(samples, "cacheaside_warm_runs_total", result="ok") == 1
+        assert _value(samples, "cacheaside_warmed_items_total", kind="post") == 1
+        assert _value(samples, "cacheaside_warmed_items_total", kind="user") == 1
+
+        assert _value(samples, "cacheaside_engine_fetches_total", outcome="hit") == 2
+        assert _value(samples, "cacheaside_engine_fetches_total", outcome="miss") == 3
+        assert _value(samples, "cacheaside_redis_breaker_open") == 0
+        assert _value(samples, "cacheaside_redis_calls_total", result="failed") == 0
+        assert _value(samples, "cacheaside_database_up") == 1
+        assert _value(samples, "cacheaside_redis_up") == 1
+    finally:
+        await stop_service(running)
+
+
+async def test_every_dashboard_query_names_a_metric_the_server_exports(
+    settings: Settings, db_engine: AsyncEngine
+) -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    expressions = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
+    assert len(expressions) >= 8
+    running = await start_service(settings, metrics_listen="127.0.0.1:0")
+    try:
+        await error_of(running.stub.GetPost, pb.GetPostRequest(post_id="nope"))  # so labelled series exist
+        await call(running.stub.Warm, pb.WarmRequest())
+        exported = {name for name, _ in await _scrape(running)}
+    finally:
+        await stop_service(running)
+    for expression in expressions:
+        for name in re.findall(r"\b(cacheaside_[a-z_]+)", expression):
+            assert name in exported, f"the dashboard queries {name}, which the server does not export"
+
+
+async def test_request_id_is_taken_from_metadata_or_made_and_returned(service: Running) -> None:
+    pending = service.stub.GetTrending(pb.GetTrendingRequest(), metadata=(("x-request-id", "req-42"),))
+    await pending
+    assert dict(await pending.trailing_metadata())["x-request-id"] == "req-42"
+
+    pending = service.stub.GetTrending(pb.GetTrendingRequest())
+    await pending
+    made = dict(await pending.trailing_metadata())["x-request-id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", made)
+
+    failing = service.stub.GetPost(pb.GetPostRequest(post_id="nope"), metadata=(("x-request-id", "req-43"),))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await failing
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+    assert dict(raised.value.trailing_metadata() or ())["x-request-id"] == "req-43", "errors carry it too"
+
+
+async def test_logs_are_json_lines_with_the_request_id_and_the_hot_path_logs_nothing(
+    service: Running, db_engine: AsyncEngine
+) -> None:
+    await add_user(db_engine, "alice")
+    await add_post(db_engine, "p1", "alice")
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.addHandler(handler)
+    level = root.level
+    root.setLevel(logging.INFO)  # what production runs at
+    try:
+        for _ in range(3):
+            await call(service.stub.GetPost, pb.GetPostRequest(post_id="p1"))
+        assert stream.getvalue() == "", "a successful call logs nothing unless DEBUG is on"
+
+        logging.getLogger("server.observability").setLevel(logging.DEBUG)
+        try:
+            await call(
+                service.stub.GetPost, pb.GetPostRequest(post_id="p1"), metadata=(("x-request-id", "r-7"),)
+            )
+        finally:
+            logging.getLogger("server.observability").setLevel(logging.NOTSET)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert len(lines) == 1
+    line = lines[0]
+    assert (line["level"], line["msg"], line["rpc"], line["code"], line["request_id"]) == (
+        "DEBUG",
+        "rpc ok",
+        "GetPost",
+        "OK",
+        "r-7",
+    )
+    assert {"ts", "logger", "pid", "ms"} <= set(line)

@@ -1,0 +1,88 @@
+"""`serve --workers N`: N processes share one port with SO_REUSEPORT; a single server never shares one."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import urllib.request
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from client.proto.cacheaside.v1 import cache_service_pb2 as pb
+from client.proto.cacheaside.v1 import cache_service_pb2_grpc as pb_grpc
+from server.app import create_app
+from server.config import Settings
+from server.embedded_redis import free_port
+from tests.conftest import Running
+from tests.data import add_post, add_user
+from tests.processes import log_lines_until, server_env, spawn
+
+WORKERS = 2
+MAX_CONNECTIONS = 200  # SO_REUSEPORT spreads connections by hash: both workers are hit long before this
+
+
+def _served(metrics_port: int) -> tuple[int, str]:
+    """(GetPost calls answered, pid) of one worker, from its own /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    calls, pid = 0, ""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "cacheaside_rpc_requests_total" and sample.labels["rpc"] == "GetPost":
+                calls += int(sample.value)
+            if sample.name == "cacheaside_worker":
+                pid = sample.labels["pid"]
+    return calls, pid
+
+
+@pytest.mark.parametrize("database", ["sqlite"], indirect=True)
+async def test_both_worker_processes_serve_calls_and_sigterm_stops_them_all(
+    settings: Settings, db_engine: AsyncEngine
+) -> None:
+    await add_user(db_engine, "alice")
+    await add_post(db_engine, "p1", "alice", title="shared")
+    target = f"127.0.0.1:{free_port()}"
+    env = server_env(settings, CACHEASIDE_LISTEN=target, CACHEASIDE_METRICS_LISTEN="127.0.0.1:0")
+    parent = await spawn("serve", "--workers", str(WORKERS), env=env)
+    try:
+        started = await log_lines_until(parent, "cacheaside serving", count=WORKERS)
+        workers = {int(line["pid"]): int(line["metrics_port"]) for line in started}
+        assert len(workers) == WORKERS
+        assert parent.pid not in workers, "the workers are processes of their own"
+
+        calls = 0
+        async with asyncio.timeout(60):
+            while calls < MAX_CONNECTIONS:
+                # A new channel is a new connection, which the kernel hands to one of the workers.
+                async with grpc.aio.insecure_channel(target) as channel:
+                    response = await pb_grpc.CacheServiceStub(channel).GetPost(
+                        pb.GetPostRequest(post_id="p1")
+                    )
+                assert response.post.title == "shared"
+                calls += 1
+                served = [await asyncio.to_thread(_served, port) for port in workers.values()]
+                if all(count for count, _ in served):
+                    break
+        assert all(count for count, _ in served), f"one worker served all {calls} calls"
+        assert sum(count for count, _ in served) == calls
+        assert {int(pid) for _, pid in served} == set(workers), "each worker reports its own pid"
+
+        parent.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(30):
+            assert await parent.wait() == 0
+        for pid in workers:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+    finally:
+        if parent.returncode is None:
+            parent.kill()
+            await parent.wait()
+
+
+async def test_a_single_server_does_not_share_its_port(service: Running, settings: Settings) -> None:
+    with pytest.raises(RuntimeError, match="could not listen"):
+        create_app(settings.model_copy(update={"listen": service.target}))
