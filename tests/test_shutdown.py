@@ -64,6 +64,7 @@ async def test_sigterm_lets_calls_in_flight_finish_and_refuses_new_ones(
         CACHEASIDE_LISTEN=target,
         CACHEASIDE_SHUTDOWN_GRACE_S="30",
         CACHEASIDE_DB_TIMEOUT_MS="30000",
+        CACHEASIDE_LEASE_TTL_MS="31000",
     )
     process = await spawn("serve", env=env)
     try:
