@@ -67,6 +67,7 @@ class OutboxInvalidator:
         self._wake = asyncio.Event()
         self.stats = InvalidatorStats()
         self.connected = asyncio.Event()
+        self.caught_up = asyncio.Event()  # set whenever the outbox has been drained empty
 
     async def run(self) -> None:
         """Until cancelled: connect, listen, drain; on any failure wait a moment and start over."""
@@ -77,6 +78,7 @@ class OutboxInvalidator:
                 self.stats.failures += 1
                 _LOGGER.warning("automatic invalidation interrupted (%r); reconnecting and replaying", exc)
             self.connected.clear()
+            self.caught_up.clear()
             await asyncio.sleep(self._retry_s)
 
     async def _session(self) -> None:
@@ -123,6 +125,7 @@ class OutboxInvalidator:
                     self._batch_size,
                 )
                 if not rows:
+                    self.caught_up.set()
                     return
                 targets = Targets.empty()
                 for row in rows:
