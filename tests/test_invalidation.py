@@ -184,3 +184,40 @@ async def test_invalidate_everything_bumps_the_generation_without_touching_keys(
         finally:
             await admin.aclose()
             await stop_service(running)
+
+
+async def test_invalidating_every_post_list_costs_the_lists_not_the_keyspace(
+    settings: Settings, db_engine: AsyncEngine
+) -> None:
+    with EmbeddedRedis() as private:
+        running = await start_service(settings, redis_url=private.url)
+        admin = aioredis.Redis.from_url(private.url)
+        try:
+            # 100,000 unrelated cached keys, as a busy deployment would hold.
+            async with admin.pipeline(transaction=False) as pipe:
+                for n in range(100_000):
+                    pipe.set(f"{running.prefix}post:bulk{n}", b"x" * 32, ex=600)
+                await pipe.execute()
+            await add_user(db_engine, "alice")
+            authors = [f"author{n}" for n in range(40)]
+            for author in authors:
+                await add_user(db_engine, author, full=False)
+                await add_post(db_engine, f"{author}-post", author)
+                await call(running.stub.ListPostsByAuthor, pb.ListPostsByAuthorRequest(author_id=author))
+            await call(running.stub.GetTrending, pb.GetTrendingRequest())
+            await call(running.stub.GetArchived, pb.GetArchivedRequest())
+            lists = len(authors) + 2
+            await admin.config_resetstat()
+
+            response, _ = await call(running.stub.Invalidate, pb.InvalidateRequest(tags=["post_lists"]))
+            assert response.keys_invalidated == lists
+            stats = await admin.info("commandstats")
+            assert not {"cmdstat_keys", "cmdstat_scan"} & set(stats), "no walk of the keyspace"
+            # Each list costs one DEL of its value and one of its lease, and the tag one more:
+            # proportional to the lists, whatever else Redis holds.
+            assert stats["cmdstat_del"]["calls"] == 2 * lists + 1
+            assert stats["cmdstat_smembers"]["calls"] == 1
+            assert await admin.dbsize() >= 100_000, "the unrelated keys are untouched"
+        finally:
+            await admin.aclose()
+            await stop_service(running)
