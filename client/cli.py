@@ -15,6 +15,7 @@ import grpc
 from google.protobuf import json_format, text_format
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2
+from tqdm import tqdm
 
 from client import stats
 from client.client import (
@@ -29,7 +30,6 @@ from client.client import (
     INVALIDATE,
     LIST_COMMENTS_BY_AUTHOR,
     LIST_POSTS_BY_AUTHOR,
-    WARM,
     CacheClient,
     Rpc,
     metadata_dict,
@@ -117,12 +117,12 @@ def _build_parser() -> argparse.ArgumentParser:
         "--tag", action="append", default=[], help="post_lists or comment_lists (repeatable)"
     )
     invalidate.add_argument("--everything", action="store_true", help="every key of this deployment")
-    warm = rpc(
-        "warm",
-        "cache the popular posts and active users now",
-        lambda a: pb.WarmRequest(popular_posts=a.posts, active_users=a.users),
-        WARM,
+    warm = commands.add_parser(
+        "warm", help="cache the popular posts and active users now, with a progress bar"
     )
+    _connection_options(warm)
+    warm.add_argument("--json", action="store_true", help="print the final counts as JSON, no bar")
+    warm.set_defaults(run=_warm)
     warm.add_argument("--posts", type=int, default=0, help="how many posts (0: the server's default)")
     warm.add_argument("--users", type=int, default=0, help="how many users (0: the server's default)")
     for name in ("trending", "archived", "posts-by-author", "comments-by-author"):
@@ -205,6 +205,25 @@ def _call(args: argparse.Namespace, method: Rpc[Any, Any], request: Message) -> 
         if reply.cache is not None:
             print(f"# x-cache: {reply.cache}  x-cache-tier: {reply.tier}")
         print(text_format.MessageToString(reply.response), end="")
+    return 0
+
+
+def _warm(args: argparse.Namespace) -> int:
+    last = pb.WarmWithProgressResponse()
+    with _client(args) as client, tqdm(unit="keys", desc="warming", disable=args.json) as bar:
+        try:
+            for progress in client.warm_with_progress(posts=args.posts, users=args.users):
+                bar.total = progress.posts_total + progress.users_total
+                bar.update(progress.posts_done + progress.users_done - bar.n)
+                last = progress
+        except grpc.RpcError as error:
+            bar.close()
+            print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+    counts = {"posts_warmed": last.posts_warmed, "users_warmed": last.users_warmed}
+    print(
+        json.dumps(counts) if args.json else f"warmed {last.posts_warmed} posts and {last.users_warmed} users"
+    )
     return 0
 
 

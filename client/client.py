@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -238,6 +238,19 @@ class CacheClient(_Base):
     def warm(self, *, posts: int = 0, users: int = 0, active_within_s: float = 0) -> pb.WarmResponse:
         """Cache popular posts and active users now; zeros mean the server's defaults."""
         return self.call(WARM, _warm_request(posts, users, active_within_s)).response
+
+    def warm_with_progress(
+        self, *, posts: int = 0, users: int = 0, active_within_s: float = 0, timeout_s: float | None = None
+    ) -> Iterator[pb.WarmWithProgressResponse]:
+        """Warm, yielding progress after each batch; the last message has done set."""
+        method = self.channel.unary_stream(
+            f"/{SERVICE}/WarmWithProgress",
+            request_serializer=pb.WarmWithProgressRequest.SerializeToString,
+            response_deserializer=pb.WarmWithProgressResponse.FromString,
+        )
+        request = pb.WarmWithProgressRequest(warm=_warm_request(posts, users, active_within_s))
+        # Warming is paced, so it may take longer than one read: no default deadline, unless given.
+        yield from method(request, timeout=timeout_s, metadata=self._metadata(()))
 
     def health(self, service: str = "") -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
         """grpc.health.v1 status of the server ("") or of a service."""

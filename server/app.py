@@ -154,6 +154,9 @@ def create_app(
         default_posts=settings.warm_posts,
         default_users=settings.warm_users,
         default_active_within_s=settings.warm_active_within_s,
+        batch_size=settings.warm_batch,
+        concurrency=settings.warm_concurrency,
+        rate_per_s=settings.warm_rate_per_s,
         observe=metrics.warmed,
     )
     checker = HealthChecker(

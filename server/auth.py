@@ -17,7 +17,7 @@ from server.errors import Unauthenticated, to_status
 
 _LOGGER = logging.getLogger(__name__)
 _SCHEME = "bearer "
-ADMIN_METHODS = frozenset({"Invalidate", "Warm"})
+ADMIN_METHODS = frozenset({"Invalidate", "Warm", "WarmWithProgress"})
 
 if TYPE_CHECKING:  # generic in grpc-stubs only
     _Interceptor = grpc.aio.ServerInterceptor[Any, Any]

@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     warm_posts: int = Field(default=20, gt=0)
     warm_users: int = Field(default=50, gt=0)
     warm_active_within_s: int = Field(default=86400, gt=0)
+    warm_batch: int = Field(default=50, gt=0, le=1000)
+    warm_concurrency: int = Field(default=2, gt=0)
+    warm_rate_per_s: float = Field(default=2000, gt=0)
     shutdown_grace_s: float = Field(default=5.0, ge=0)
     log_level: str = "INFO"
     # Platform: health, metrics, logs, workers, auth and TLS (the README's table documents each).

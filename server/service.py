@@ -8,10 +8,12 @@ all of them. Responses are bytes: cached payloads go to the wire without a decod
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -40,7 +42,7 @@ from server.errors import (
     to_status,
 )
 from server.validation import check_id, check_ids, check_limit
-from server.warming import Warmer
+from server.warming import Warmer, WarmProgress
 
 _LOGGER = logging.getLogger(__name__)
 SERVICE_NAME = "cacheaside.v1.CacheService"
@@ -61,6 +63,7 @@ class ReadPlan:
 
 
 Handler = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[bytes]]
+StreamHandler = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[bytes]]
 
 
 class ServiceObserver(Protocol):
@@ -106,6 +109,9 @@ class CacheService:
         handlers = {name: _unary(request, self._read(name, plan)) for name, (request, plan) in reads.items()}
         handlers["Invalidate"] = _unary(pb.InvalidateRequest, _guarded(self._invalidate))
         handlers["Warm"] = _unary(pb.WarmRequest, _guarded(self._warm))
+        handlers["WarmWithProgress"] = _stream(
+            pb.WarmWithProgressRequest, _guarded_stream(self._warm_with_progress)
+        )
         return handlers
 
     # The generic cache-aside path -------------------------------------------------------------
@@ -225,21 +231,54 @@ class CacheService:
             self._observer.invalidated(deleted)
         return pb.InvalidateResponse(keys_invalidated=deleted, generation=generation).SerializeToString()
 
-    async def _warm(self, request: pb.WarmRequest, context: Any) -> bytes:
+    def _warm_choices(self, request: pb.WarmRequest) -> dict[str, Any]:
         posts = check_limit("popular_posts", request.popular_posts, default=0, maximum=MAX_WARM_ITEMS)
         users = check_limit("active_users", request.active_users, default=0, maximum=MAX_WARM_ITEMS)
         within_s = request.active_within.ToTimedelta().total_seconds()
         if within_s < 0:
             raise InvalidArgument("active_within must not be negative", reason="INVALID_DURATION")
-        try:
-            result = await self._warmer.warm(
-                posts=posts or None, users=users or None, active_within_s=within_s or None
-            )
-        except CacheUnavailable as exc:
-            raise CacheUnavailableForWrite(
-                f"redis is unreachable ({exc}), so nothing was warmed; retry when it is back"
-            ) from exc
+        return {"posts": posts or None, "users": users or None, "active_within_s": within_s or None}
+
+    async def _warm(self, request: pb.WarmRequest, context: Any) -> bytes:
+        choices = self._warm_choices(request)
+        with _nothing_warmed_without_redis():
+            result = await self._warmer.warm(**choices)
         return pb.WarmResponse(posts_warmed=result.posts, users_warmed=result.users).SerializeToString()
+
+    async def _warm_with_progress(
+        self, request: pb.WarmWithProgressRequest, context: Any
+    ) -> AsyncIterator[bytes]:
+        choices = self._warm_choices(request.warm)
+        reports: asyncio.Queue[WarmProgress] = asyncio.Queue()
+        warming = asyncio.create_task(self._warmer.warm(**choices, on_progress=reports.put_nowait))
+        try:
+            while True:
+                report = asyncio.ensure_future(reports.get())
+                await asyncio.wait({report, warming}, return_when=asyncio.FIRST_COMPLETED)
+                if not report.done():
+                    report.cancel()
+                    if reports.empty():
+                        break  # warming ended without its last report: it failed, raised below
+                    continue
+                progress = report.result()
+                yield pb.WarmWithProgressResponse(**dataclasses.asdict(progress)).SerializeToString()
+                if progress.done:
+                    break
+        finally:
+            if not warming.done():
+                warming.cancel()  # the caller went away: stop warming on its behalf
+        with _nothing_warmed_without_redis():
+            await warming
+
+
+@contextlib.contextmanager
+def _nothing_warmed_without_redis() -> Iterator[None]:
+    try:
+        yield
+    except CacheUnavailable as exc:
+        raise CacheUnavailableForWrite(
+            f"redis is unreachable ({exc}), so nothing more was warmed; retry when it is back"
+        ) from exc
 
 
 def _list_plan(family: Family, item_id: str, subject: str, limit: int) -> ReadPlan:
@@ -268,32 +307,54 @@ async def _within_deadline(context: grpc.aio.ServicerContext[Any, Any], work: Aw
         ) from exc
 
 
+_UNAVAILABLE_ERRORS = (ServiceError, LoadTimeout, FlightTimeout, CacheUnavailable, RecentLoadFailure)
+
+
+def _service_error(exc: Exception) -> ServiceError:
+    """The status for what stopped a call: the table from the engine's failures to ours."""
+    if isinstance(exc, ServiceError):
+        return exc
+    if isinstance(exc, LoadTimeout):
+        return DatabaseUnavailable(
+            f"the database did not answer within {exc.timeout_s * 1000:.0f} ms; retry later",
+            reason="DATABASE_TIMEOUT",
+        )
+    if isinstance(exc, FlightTimeout):
+        return DatabaseUnavailable(
+            f"the shared load did not finish within {exc.timeout_s:.1f} s; retry later", reason="LOAD_TIMEOUT"
+        )
+    if isinstance(exc, RecentLoadFailure):
+        return DatabaseUnavailable(
+            f"the database failed moments ago and no stale copy is cached; retry in {exc.retry_in_ms} ms",
+            reason="DATABASE_BACKOFF",
+        )
+    # Reached only where the cache itself was needed (shutdown, unreadable bytes).
+    return CacheUnavailableForWrite(f"the cache cannot answer: {exc}; retry later")
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> NoReturn:
+    # grpc-stubs predates abort_with_status on grpc.aio contexts; it exists since grpcio 1.38.
+    await context.abort_with_status(to_status(_service_error(exc)))  # type: ignore[attr-defined]
+    raise AssertionError("abort_with_status returned")  # pragma: no cover
+
+
 def _guarded(handler: Handler) -> Handler:
     async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         try:
             return await handler(request, context)
-        except ServiceError as error:
-            failure = error
-        except LoadTimeout as exc:
-            failure = DatabaseUnavailable(
-                f"the database did not answer within {exc.timeout_s * 1000:.0f} ms; retry later",
-                reason="DATABASE_TIMEOUT",
-            )
-        except FlightTimeout as exc:
-            failure = DatabaseUnavailable(
-                f"the shared load did not finish within {exc.timeout_s:.1f} s; retry later",
-                reason="LOAD_TIMEOUT",
-            )
-        except CacheUnavailable as exc:  # only where the cache itself was needed (shutdown, bad bytes)
-            failure = CacheUnavailableForWrite(f"the cache cannot answer: {exc}; retry later")
-        except RecentLoadFailure as exc:
-            failure = DatabaseUnavailable(
-                f"the database failed moments ago and no stale copy is cached; retry in {exc.retry_in_ms} ms",
-                reason="DATABASE_BACKOFF",
-            )
-        # grpc-stubs predates abort_with_status on grpc.aio contexts; it exists since grpcio 1.38.
-        await context.abort_with_status(to_status(failure))  # type: ignore[attr-defined]
-        raise AssertionError("abort_with_status returned")  # pragma: no cover
+        except _UNAVAILABLE_ERRORS as exc:
+            await _abort(context, exc)
+
+    return guarded
+
+
+def _guarded_stream(handler: StreamHandler) -> StreamHandler:
+    async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
+        try:
+            async for message in handler(request, context):
+                yield message
+        except _UNAVAILABLE_ERRORS as exc:
+            await _abort(context, exc)
 
     return guarded
 
@@ -303,4 +364,12 @@ def _unary(request_type: type[Message], handler: Handler) -> grpc.RpcMethodHandl
         handler,
         request_deserializer=request_type.FromString,
         response_serializer=bytes,  # handlers return serialized responses already
+    )
+
+
+def _stream(request_type: type[Message], handler: StreamHandler) -> grpc.RpcMethodHandler[Any, bytes]:
+    return grpc.unary_stream_rpc_method_handler(
+        handler,
+        request_deserializer=request_type.FromString,
+        response_serializer=bytes,
     )

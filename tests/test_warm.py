@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import sys
 from datetime import UTC, datetime, timedelta
 
 import redis.asyncio as aioredis
@@ -78,3 +80,69 @@ async def test_warming_runs_at_startup(
         assert set(await _cached(redis_client, prefix, "user:")) == {"u00", "u01"}
     finally:
         await stop_service(running)
+
+
+async def test_warm_with_progress_streams_each_batch_then_done(
+    settings: Settings, db_engine: AsyncEngine, redis_client: aioredis.Redis
+) -> None:
+    await _population(db_engine)
+    running = await start_service(settings, warm_batch=7)
+    try:
+        request = pb.WarmWithProgressRequest(warm=pb.WarmRequest(popular_posts=25, active_users=20))
+        reports = [report async for report in running.stub.WarmWithProgress(request)]
+    finally:
+        await stop_service(running)
+    assert (reports[0].posts_total, reports[0].users_total) == (25, 20)
+    done = [report.posts_done + report.users_done for report in reports]
+    assert done == sorted(done), "progress only goes forward"
+    assert len(reports) == 1 + 4 + 3 + 1  # the plan, 4 post batches, 3 user batches, done
+    last = reports[-1]
+    assert last.done
+    assert (last.posts_warmed, last.users_warmed) == (25, 20)
+
+
+async def test_warming_keeps_to_its_concurrency(
+    settings: Settings, db_engine: AsyncEngine, redis_client: aioredis.Redis
+) -> None:
+    await _population(db_engine)
+    running = await start_service(settings, warm_batch=2, warm_concurrency=2)
+    in_flight = 0
+    most = 0
+
+    async def count(_keys: object) -> None:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        await asyncio.sleep(0.005)  # a load that takes a moment, so overlapping batches would show
+        in_flight -= 1
+
+    running.app.engine.hooks.after_load = count
+    try:
+        response, _ = await call(running.stub.Warm, pb.WarmRequest(popular_posts=20, active_users=20))
+    finally:
+        await stop_service(running)
+    assert (response.posts_warmed, response.users_warmed) == (20, 20)
+    assert most == 2, "batches overlap, but never more than the setting allows"
+
+
+async def test_cacheaside_warm_shows_a_progress_bar(service: Running, db_engine: AsyncEngine) -> None:
+    await _population(db_engine)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "client.cli",
+        "warm",
+        "--target",
+        service.target,
+        "--posts",
+        "10",
+        "--users",
+        "5",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    assert process.returncode == 0, err.decode()
+    assert "warmed 10 posts and 5 users" in out.decode()
+    assert "warming" in err.decode()
+    assert "15/15" in err.decode(), err.decode()

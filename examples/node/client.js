@@ -37,7 +37,8 @@ function loadService() {
   return grpc.loadPackageDefinition(definition).cacheaside.v1.CacheService;
 }
 
-// Each RPC as an async function (request, {metadata}) -> {response, cache, tier, requestId}.
+// Each RPC as an async function (request, {metadata}) -> {response, cache, tier, requestId};
+// a server-streaming RPC (WarmWithProgress) resolves to {responses: [...], requestId} at its end.
 function createClient(target, { token, timeoutMs = DEFAULT_TIMEOUT_MS, credentials } = {}) {
   const CacheService = loadService();
   const stub = new CacheService(target, credentials || grpc.credentials.createInsecure(), {
@@ -47,6 +48,24 @@ function createClient(target, { token, timeoutMs = DEFAULT_TIMEOUT_MS, credentia
   });
   const client = { close: () => stub.close() };
   for (const name of Object.keys(CacheService.service)) {
+    if (CacheService.service[name].responseStream) {
+      client[name] = (request, { metadata: extra = {} } = {}) =>
+        new Promise((resolve, reject) => {
+          const metadata = new grpc.Metadata();
+          if (token) metadata.set("authorization", `Bearer ${token}`);
+          for (const [key, value] of Object.entries(extra)) metadata.set(key, value);
+          const responses = [];
+          const call = stub[name](request, metadata, { deadline: Date.now() + 10 * timeoutMs });
+          call.on("data", (response) => responses.push(response));
+          call.on("error", reject);
+          call.on("status", (status) => {
+            if (status.code === grpc.status.OK) {
+              resolve({ responses, requestId: status.metadata.get("x-request-id")[0] });
+            }
+          });
+        });
+      continue;
+    }
     client[name] = (request, { metadata: extra = {} } = {}) =>
       new Promise((resolve, reject) => {
         const metadata = new grpc.Metadata();

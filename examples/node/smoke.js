@@ -19,6 +19,7 @@ async function main() {
     BatchGetPosts: { post_ids: ["p2", "p1"] },
     Invalidate: { post_ids: ["p1"], user_ids: ["alice"] },
     Warm: { popular_posts: 2, active_users: 2, active_within: { seconds: 3600 } },
+    WarmWithProgress: { warm: { popular_posts: 2, active_users: 2 } },
   };
   const missing = Object.keys(loadService().service).filter((name) => !(name in calls));
   if (missing.length) throw new Error(`the smoke test does not call ${missing.join(", ")}`);

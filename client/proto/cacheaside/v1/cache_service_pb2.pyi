@@ -748,6 +748,76 @@ class WarmRequest(_message.Message):
 Global___WarmRequest: _TypeAlias = WarmRequest  # noqa: Y015
 
 @_typing.final
+class WarmWithProgressRequest(_message.Message):
+    """Request for WarmWithProgress."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WARM_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def warm(self) -> Global___WarmRequest:
+        """What to warm: the same choices, defaults and limits as Warm."""
+
+    def __init__(
+        self,
+        *,
+        warm: Global___WarmRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["warm", b"warm"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["warm", b"warm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WarmWithProgressRequest: _TypeAlias = WarmWithProgressRequest  # noqa: Y015
+
+@_typing.final
+class WarmWithProgressResponse(_message.Message):
+    """Progress of WarmWithProgress."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POSTS_TOTAL_FIELD_NUMBER: _builtins.int
+    USERS_TOTAL_FIELD_NUMBER: _builtins.int
+    POSTS_DONE_FIELD_NUMBER: _builtins.int
+    USERS_DONE_FIELD_NUMBER: _builtins.int
+    POSTS_WARMED_FIELD_NUMBER: _builtins.int
+    USERS_WARMED_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    posts_total: _builtins.int
+    """How many posts the warm will go through."""
+    users_total: _builtins.int
+    """How many users the warm will go through."""
+    posts_done: _builtins.int
+    """How many posts it has gone through so far."""
+    users_done: _builtins.int
+    """How many users it has gone through so far."""
+    posts_warmed: _builtins.int
+    """How many posts were written to the cache (one another caller is loading right now is left to it)."""
+    users_warmed: _builtins.int
+    """How many users were written to the cache."""
+    done: _builtins.bool
+    """Set on the last message, once everything is written."""
+    def __init__(
+        self,
+        *,
+        posts_total: _builtins.int = ...,
+        users_total: _builtins.int = ...,
+        posts_done: _builtins.int = ...,
+        users_done: _builtins.int = ...,
+        posts_warmed: _builtins.int = ...,
+        users_warmed: _builtins.int = ...,
+        done: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "posts_done", b"posts_done", "posts_total", b"posts_total", "posts_warmed", b"posts_warmed", "users_done", b"users_done", "users_total", b"users_total", "users_warmed", b"users_warmed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WarmWithProgressResponse: _TypeAlias = WarmWithProgressResponse  # noqa: Y015
+
+@_typing.final
 class WarmResponse(_message.Message):
     """Response of Warm."""
 

@@ -94,6 +94,11 @@ class CacheServiceStub:
                 request_serializer=cacheaside_dot_v1_dot_cache__service__pb2.WarmRequest.SerializeToString,
                 response_deserializer=cacheaside_dot_v1_dot_cache__service__pb2.WarmResponse.FromString,
                 _registered_method=True)
+        self.WarmWithProgress = channel.unary_stream(
+                '/cacheaside.v1.CacheService/WarmWithProgress',
+                request_serializer=cacheaside_dot_v1_dot_cache__service__pb2.WarmWithProgressRequest.SerializeToString,
+                response_deserializer=cacheaside_dot_v1_dot_cache__service__pb2.WarmWithProgressResponse.FromString,
+                _registered_method=True)
 
 
 class CacheServiceServicer:
@@ -183,6 +188,14 @@ class CacheServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WarmWithProgress(self, request, context):
+        """Warm, streaming progress: a message after each batch is written, the last one with done set.
+        Warming is paced (CACHEASIDE_WARM_RATE_PER_S) so live reads keep their latency.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CacheServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -235,6 +248,11 @@ def add_CacheServiceServicer_to_server(servicer, server):
                     servicer.Warm,
                     request_deserializer=cacheaside_dot_v1_dot_cache__service__pb2.WarmRequest.FromString,
                     response_serializer=cacheaside_dot_v1_dot_cache__service__pb2.WarmResponse.SerializeToString,
+            ),
+            'WarmWithProgress': grpc.unary_stream_rpc_method_handler(
+                    servicer.WarmWithProgress,
+                    request_deserializer=cacheaside_dot_v1_dot_cache__service__pb2.WarmWithProgressRequest.FromString,
+                    response_serializer=cacheaside_dot_v1_dot_cache__service__pb2.WarmWithProgressResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -517,6 +535,33 @@ class CacheService:
             '/cacheaside.v1.CacheService/Warm',
             cacheaside_dot_v1_dot_cache__service__pb2.WarmRequest.SerializeToString,
             cacheaside_dot_v1_dot_cache__service__pb2.WarmResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WarmWithProgress(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cacheaside.v1.CacheService/WarmWithProgress',
+            cacheaside_dot_v1_dot_cache__service__pb2.WarmWithProgressRequest.SerializeToString,
+            cacheaside_dot_v1_dot_cache__service__pb2.WarmWithProgressResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -71,6 +71,10 @@ class CacheServiceStub:
     """
     Warm: _grpc.UnaryUnaryMultiCallable[_cache_service_pb2.WarmRequest, _cache_service_pb2.WarmResponse]
     """Pre-populates the cache with the most viewed published posts and the most recently active users."""
+    WarmWithProgress: _grpc.UnaryStreamMultiCallable[_cache_service_pb2.WarmWithProgressRequest, _cache_service_pb2.WarmWithProgressResponse]
+    """Warm, streaming progress: a message after each batch is written, the last one with done set.
+    Warming is paced (CACHEASIDE_WARM_RATE_PER_S) so live reads keep their latency.
+    """
 
 @_typing.type_check_only
 class CacheServiceAsyncStub(CacheServiceStub):
@@ -115,6 +119,10 @@ class CacheServiceAsyncStub(CacheServiceStub):
     """
     Warm: _aio.UnaryUnaryMultiCallable[_cache_service_pb2.WarmRequest, _cache_service_pb2.WarmResponse]  # type: ignore[assignment]
     """Pre-populates the cache with the most viewed published posts and the most recently active users."""
+    WarmWithProgress: _aio.UnaryStreamMultiCallable[_cache_service_pb2.WarmWithProgressRequest, _cache_service_pb2.WarmWithProgressResponse]  # type: ignore[assignment]
+    """Warm, streaming progress: a message after each batch is written, the last one with done set.
+    Warming is paced (CACHEASIDE_WARM_RATE_PER_S) so live reads keep their latency.
+    """
 
 class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
     """CacheService reads users and posts through a Redis cache-aside layer in front of the SQL database.
@@ -216,5 +224,15 @@ class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_cache_service_pb2.WarmResponse, _abc.Awaitable[_cache_service_pb2.WarmResponse]]:
         """Pre-populates the cache with the most viewed published posts and the most recently active users."""
+
+    @_abc_1.abstractmethod
+    def WarmWithProgress(
+        self,
+        request: _cache_service_pb2.WarmWithProgressRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_cache_service_pb2.WarmWithProgressResponse], _abc.AsyncIterator[_cache_service_pb2.WarmWithProgressResponse]]:
+        """Warm, streaming progress: a message after each batch is written, the last one with done set.
+        Warming is paced (CACHEASIDE_WARM_RATE_PER_S) so live reads keep their latency.
+        """
 
 def add_CacheServiceServicer_to_server(servicer: CacheServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
