@@ -1,0 +1,167 @@
+"""Live read latency while a warm of 10,000 keys runs, against the same reads with no warm.
+
+One server process over PostgreSQL (or SQLite) and Redis. An open-loop reader sends cache hits on an
+already cached working set at a fixed rate (a third of what this server does flat out), whether or
+not earlier ones have answered, as live traffic would; latency is measured at the client. Phases alternate (no warm, warm, no warm, warm) and each warm phase lasts
+as long as the warm does. Prints p50 and p99 per phase and the ratio of the p99s; target <= 1.2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import random
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from benchmarks.environment import bench_database, bench_redis_url
+from client.proto.cacheaside.v1 import cache_service_pb2 as pb
+from client.proto.cacheaside.v1 import cache_service_pb2_grpc as pb_grpc
+from server import db
+from server.config import Settings
+from server.seed import SeedCounts, post_id, seed
+from tests.procs import ServerProcess
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _percentile(values: list[float], percentile: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * percentile / 100))]
+
+
+async def _readers(stub: Any, keys: list[str], rate_per_s: float, stop: asyncio.Event) -> list[float]:
+    latencies: list[float] = []
+    rng = random.Random(7)
+    in_flight: set[asyncio.Task[None]] = set()
+
+    async def read(key: str) -> None:
+        started = time.perf_counter()
+        await stub.GetPost(pb.GetPostRequest(post_id=key), timeout=10)
+        latencies.append((time.perf_counter() - started) * 1000)
+
+    interval = 1 / rate_per_s
+    next_at = time.perf_counter()
+    while not stop.is_set():
+        task = asyncio.create_task(read(rng.choice(keys)))
+        in_flight.add(task)
+        task.add_done_callback(in_flight.discard)
+        next_at += interval
+        await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+    await asyncio.gather(*in_flight)
+    return latencies
+
+
+async def _phase(
+    stub: Any, keys: list[str], concurrency: int, *, warm: int, quiet_s: float
+) -> dict[str, Any]:
+    stop = asyncio.Event()
+    readers = asyncio.create_task(_readers(stub, keys, concurrency, stop))
+    started = time.perf_counter()
+    if warm:
+        response = await stub.Warm(pb.WarmRequest(popular_posts=warm, active_users=1), timeout=600)
+        assert response.posts_warmed > 0.9 * warm, response
+    else:
+        await asyncio.sleep(quiet_s)
+    stop.set()
+    latencies = await readers
+    return {
+        "warm_keys": warm,
+        "seconds": time.perf_counter() - started,
+        "reads": len(latencies),
+        "p50_ms": _percentile(latencies, 50),
+        "p99_ms": _percentile(latencies, 99),
+    }
+
+
+async def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the warm-impact scenario and print its table."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--warm-keys", type=int, default=10_000)
+    parser.add_argument("--read-rate", type=float, default=1000, help="live reads sent per second")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=None, help="CACHEASIDE_WARM_BATCH for this run")
+    parser.add_argument("--rate", type=float, default=None, help="CACHEASIDE_WARM_RATE_PER_S for this run")
+    parser.add_argument("--concurrency", type=int, default=None, help="CACHEASIDE_WARM_CONCURRENCY")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as scratch, bench_redis_url() as redis_url:
+        async with bench_database(scratch) as (database_url, schema):
+            settings = Settings(
+                database_url=database_url,
+                database_schema=schema,
+                redis_url=redis_url,
+                listen="127.0.0.1:0",
+                key_prefix=f"bench-{uuid.uuid4().hex[:8]}",
+                warm_on_start=False,
+                auto_invalidate=False,
+            )
+            overrides = {
+                "warm_batch": args.batch,
+                "warm_rate_per_s": args.rate,
+                "warm_concurrency": args.concurrency,
+            }
+            settings = settings.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+            engine = db.create_engine(settings)
+            await seed(
+                engine, SeedCounts(users=1000, posts=int(args.warm_keys * 1.25), comments=0), progress=False
+            )
+            await engine.dispose()
+            server = ServerProcess(settings)
+            try:
+                async with grpc.aio.insecure_channel(server.target) as channel:
+                    stub = pb_grpc.CacheServiceStub(channel)
+                    working_set = [post_id(n) for n in range(0, 2000, 4)]
+                    await stub.BatchGetPosts(pb.BatchGetPostsRequest(post_ids=working_set[:100]))
+                    for start in range(100, len(working_set), 100):
+                        await stub.BatchGetPosts(
+                            pb.BatchGetPostsRequest(post_ids=working_set[start : start + 100])
+                        )
+                    await _phase(stub, working_set, args.read_rate, warm=0, quiet_s=1.0)  # settle
+                    phases = []
+                    for _ in range(args.rounds):
+                        warm = await _phase(stub, working_set, args.read_rate, warm=args.warm_keys, quiet_s=0)
+                        quiet = await _phase(
+                            stub, working_set, args.read_rate, warm=0, quiet_s=warm["seconds"]
+                        )
+                        phases += [quiet, warm]
+            finally:
+                server.stop()
+    quiet_p99 = statistics.median(p["p99_ms"] for p in phases if not p["warm_keys"])
+    warm_p99 = statistics.median(p["p99_ms"] for p in phases if p["warm_keys"])
+    report = {
+        "scenario": "live reads during a warm",
+        "machine": f"{platform.machine()}, {platform.python_implementation()} {platform.python_version()}",
+        "database": database_url.split(":", 1)[0],
+        "phases": phases,
+        "p99_ms_no_warm": quiet_p99,
+        "p99_ms_warm": warm_p99,
+        "ratio_p99_warm_to_no_warm": warm_p99 / quiet_p99,
+    }
+    print(
+        f"live reads during a warm of {args.warm_keys} keys ({args.read_rate:g} reads/s, {report['database']})"
+    )
+    print(f"{'phase':<8} {'seconds':>8} {'reads':>8} {'p50 ms':>8} {'p99 ms':>8}")
+    for phase in phases:
+        name = "warm" if phase["warm_keys"] else "no warm"
+        print(
+            f"{name:<8} {phase['seconds']:>8.1f} {phase['reads']:>8} {phase['p50_ms']:>8.2f} {phase['p99_ms']:>8.2f}"
+        )
+    ratio = report["ratio_p99_warm_to_no_warm"]
+    print(
+        f"ratio: p99 during warm / p99 without = {ratio:.2f} (median of {args.rounds} rounds; target <= 1.20)"
+    )
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "warm_impact.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
