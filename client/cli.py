@@ -265,9 +265,9 @@ def _serve(args: argparse.Namespace) -> int:
         from server.workers import run_workers
 
         return run_workers(settings, workers, demo=args.demo)
-    from server.app import serve
+    from server.app import run, serve
 
-    asyncio.run(serve(settings, demo=args.demo))
+    run(serve(settings, demo=args.demo), settings.event_loop)
     return 0
 
 

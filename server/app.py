@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
@@ -29,6 +31,7 @@ from server.service import SERVICE_NAME, CacheService
 from server.warming import Warmer
 
 _LOGGER = logging.getLogger(__name__)
+_T = TypeVar("_T")
 # Clients ping every 30 s (client/client.py); grpcio's default would answer pings more often than every
 # 5 minutes with GOAWAY "too_many_pings". The server pings idle clients to drop dead connections.
 _KEEPALIVE_OPTIONS = (
@@ -259,6 +262,17 @@ async def serve(
         _LOGGER.info("shutting down: in-flight calls get %.1fs", settings.shutdown_grace_s)
         await app.shutdown()
         _LOGGER.info("stopped")
+
+
+def run(main: Coroutine[Any, Any, _T], event_loop: str = "asyncio") -> _T:
+    """asyncio.run on the configured event loop: `asyncio` or `uvloop` (CACHEASIDE_EVENT_LOOP)."""
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if event_loop == "uvloop":
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
 
 
 def _without_password(url: str) -> str:

@@ -73,6 +73,7 @@ class Settings(BaseSettings):
     metrics_listen: str = ""
     log_format: Literal["json", "text"] = "json"
     workers: int = Field(default=1, ge=1, le=64)
+    event_loop: Literal["asyncio", "uvloop"] = "asyncio"
     admin_token: SecretStr = SecretStr("")
     read_token: SecretStr = SecretStr("")
     tls_cert_file: str = ""

@@ -116,12 +116,12 @@ def _die_with_parent() -> None:
 
 def _run_worker() -> int:
     # A worker: the parent has set the shared port, the Redis URL and this worker's index.
-    from server.app import serve
+    from server.app import run, serve
     from server.logs import configure_logging
 
     settings = Settings()
     configure_logging(settings.log_level, settings.log_format)
-    asyncio.run(serve(settings, reuse_port=True, worker=int(os.environ[_WORKER_INDEX_ENV])))
+    run(serve(settings, reuse_port=True, worker=int(os.environ[_WORKER_INDEX_ENV])), settings.event_loop)
     return 0
 
 
