@@ -8,7 +8,7 @@ DEMO_DATABASE_URL ?= sqlite+aiosqlite:///./cacheaside.db
 NODE_DIR := examples/node
 NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 
-.PHONY: install node-deps run test bench lint format proto proto-check clean
+.PHONY: install node-deps run test bench bench-deps lint format proto proto-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,14 +32,18 @@ node-deps:
 run: install
 	CACHEASIDE_DATABASE_URL=$${CACHEASIDE_DATABASE_URL:-$(DEMO_DATABASE_URL)} $(BIN)/cacheaside serve --demo
 
-test: install node-deps
+test: install node-deps bench-deps
 	@bash scripts/ensure_services.sh
 	$(BIN)/python -m pytest -q
 
-# Benchmarks print ratios against a baseline measured in the same run; results in benchmarks/results/.
-bench: install
+# h2load (Debian's nghttp2-client) drives the server in `make bench`; installed here where apt-get can.
+bench-deps:
+	@bash scripts/ensure_h2load.sh
+
+# The benchmark suite (about 8 minutes): the table, ratios, JSON and PNG in benchmarks/results/.
+bench: install bench-deps
 	@bash scripts/ensure_services.sh
-	$(BIN)/python -m benchmarks.stampede
+	$(BIN)/python -m benchmarks.suite
 
 lint: install
 	$(BIN)/ruff check .

@@ -1,0 +1,153 @@
+"""The suite's table and ratios: medians with min-max over the rounds, and the issue's goals."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from benchmarks.scenarios import Scenario
+from benchmarks.stats import spread
+
+MEASURES = (
+    "req_per_s",
+    "items_per_s",
+    "p50_ms",
+    "p99_ms",
+    "cpu_us_per_request",
+    "hit_ratio",
+    "db_loads_per_1000",
+    "server_errors",
+    "failed_at_client",
+)
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """A ratio of two scenarios' medians, with the goal it is held to (if any)."""
+
+    name: str
+    numerator: str
+    denominator: str
+    measure: str = "req_per_s"
+    denominator_measure: str = ""
+    goal: float | None = None
+
+
+RATIOS = (
+    Ratio("cache hit / no-op ceiling, grpc.aio asyncio", "hit", "noop", goal=0.95),
+    Ratio("cache hit / no-op ceiling, grpc.aio uvloop", "hit-uvloop", "noop-uvloop", goal=0.95),
+    Ratio("cache hit / no-op ceiling, sync grpcio (bench server)", "hit-sync", "noop-sync"),
+    Ratio("cache hit / uncached database (miss)", "hit", "miss", goal=3.0),
+    Ratio(
+        "BatchGetPosts(100) items/s / GetPost hits/s",
+        "batch100",
+        "hit",
+        measure="items_per_s",
+        denominator_measure="req_per_s",
+        goal=50.0,
+    ),
+    Ratio("2 workers on 2 cores / 1 worker on 1 core", "hit-2w-2cpu", "hit", goal=1.8),
+    Ratio("2 workers on 2 cores / 1 worker on 2 cores", "hit-2w-2cpu", "hit-1w-2cpu"),
+    Ratio("2 workers on 1 core / 1 worker on 1 core", "hit-2w-1cpu", "hit"),
+    Ratio("uvloop / asyncio, hit", "hit-uvloop", "hit"),
+    Ratio("uvloop / asyncio, miss", "miss-uvloop", "miss"),
+    Ratio("uvloop / asyncio, BatchGetPosts(100)", "batch100-uvloop", "batch100"),
+    Ratio("uvloop / asyncio, no-op", "noop-uvloop", "noop"),
+    Ratio("sync grpcio / grpc.aio, same bare Redis hit", "hit-sync", "hit-bare-aio"),
+    Ratio("sync grpcio / grpc.aio, same bare BatchGetPosts(100)", "batch100-sync", "batch100-bare-aio"),
+    Ratio("sync grpcio / grpc.aio, no-op", "noop-sync", "noop"),
+    Ratio("product hit / bare grpc.aio Redis hit", "hit", "hit-bare-aio"),
+    Ratio("sync bare Redis hit / product hit", "hit-sync", "hit"),
+    Ratio("Redis down (breaker open) / Redis up, same Zipf load", "redis-down", "zipf"),
+    Ratio("keyed generator / h2load, same no-op server", "noop-keyed", "noop"),
+)
+
+
+def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Median, min and max of each measure over one scenario's runs."""
+    return {measure: spread([run[measure] for run in runs]) for measure in MEASURES if measure in runs[0]} | {
+        "runs": list(runs)
+    }
+
+
+def ratios(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every ratio whose two scenarios were run."""
+    found = []
+    for ratio in RATIOS:
+        if ratio.numerator not in summary or ratio.denominator not in summary:
+            continue
+        top = summary[ratio.numerator][ratio.measure]["median"]
+        bottom = summary[ratio.denominator][ratio.denominator_measure or ratio.measure]["median"]
+        value = top / bottom if bottom else 0.0
+        found.append(
+            {
+                "name": ratio.name,
+                "value": round(value, 3),
+                "goal": ratio.goal,
+                "met": None if ratio.goal is None else value >= ratio.goal,
+            }
+        )
+    return found
+
+
+def _cell(summary: dict[str, Any], measure: str, digits: int, *, spread_too: bool = False) -> str:
+    if measure not in summary:
+        return "-"
+    values = summary[measure]
+    text = f"{values['median']:,.{digits}f}"
+    if spread_too:
+        text += f" ({values['min']:,.{digits}f}-{values['max']:,.{digits}f})"
+    return text
+
+
+def table(scenarios: Sequence[Scenario], summary: dict[str, dict[str, Any]]) -> str:
+    """The Markdown table of every scenario run, medians with req/s min-max."""
+    header = ("scenario", "server", "what", "req/s median (min-max)", "p50 ms", "p99 ms", "hit ratio",
+              "DB loads / 1k req", "CPU us / req")  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for scenario in scenarios:
+        if scenario.name not in summary:
+            continue
+        row = summary[scenario.name]
+        cells = [
+            scenario.name,
+            scenario.server,
+            scenario.what,
+            _cell(row, "req_per_s", 0, spread_too=True),
+            _cell(row, "p50_ms", 1),
+            _cell(row, "p99_ms", 1),
+            _cell(row, "hit_ratio", 3),
+            _cell(row, "db_loads_per_1000", 1),
+            _cell(row, "cpu_us_per_request", 0),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def ratio_lines(found: Sequence[dict[str, Any]]) -> str:
+    """One line per ratio, with its goal and whether this run met it."""
+    lines = []
+    for ratio in found:
+        goal = ""
+        if ratio["goal"] is not None:
+            goal = f"  (goal >= {ratio['goal']:g}: {'met' if ratio['met'] else 'NOT met'})"
+        lines.append(f"- {ratio['name']}: {ratio['value']:.2f}x{goal}")
+    return "\n".join(lines)
+
+
+def problems(summary: dict[str, dict[str, Any]], *, in_flight: int) -> list[str]:
+    """Runs whose calls failed, so their numbers do not measure what the table says.
+
+    Up to in_flight server-side failures per run are the calls cut off when the load generator stops
+    (the product counts a caller that left during its answer as UNKNOWN); more than that is a problem.
+    """
+    found = []
+    for name, row in summary.items():
+        if "failed_at_client" in row and row["failed_at_client"]["max"] > 0:
+            found.append(
+                f"{name}: up to {row['failed_at_client']['max']:g} calls failed at the client in a run"
+            )
+        if "server_errors" in row and row["server_errors"]["max"] > in_flight:
+            found.append(f"{name}: up to {row['server_errors']['max']:g} calls failed at the server in a run")
+    return found

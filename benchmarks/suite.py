@@ -1,0 +1,243 @@
+"""`make bench`: the real server under h2load, every scenario interleaved, one table with its ratios.
+
+Seeds 100,000 posts, starts every server configuration once (the product as it ships, pinned to
+core 1; the bench-only no-op and sync servers likewise), then runs the scenarios round after round,
+so drift on this shared machine spreads over all of them; the load generator runs on core 0. Prints
+the machine, the table (medians, min-max) and the ratios; writes suite.json and suite.png to
+benchmarks/results/. Then the hot-key stampede and the warm-impact scenarios run as before.
+
+    python -m benchmarks.suite [--duration 5] [--rounds 3] [--scenarios hit,miss]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from sqlalchemy import select
+
+from benchmarks import chart, h2load, machine, report
+from benchmarks.environment import bench_database, bench_redis_url
+from benchmarks.keyed_load import write_bodies
+from benchmarks.runner import LoadShape, measure
+from benchmarks.scenarios import Scenario, Target, request_sequences, scenarios, server_specs
+from benchmarks.servers import RunningServer
+from client.proto.cacheaside.v1 import cache_service_pb2_grpc as pb_grpc
+from server import db
+from server.config import Settings
+from server.domain.models import posts
+from server.embedded_redis import EmbeddedRedis
+from server.seed import SeedCounts, seed
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds of load per run")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each scenario, interleaved")
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--streams", type=int, default=4, help="calls in flight per connection")
+    parser.add_argument("--posts", type=int, default=100_000, help="posts seeded (the Zipf key space)")
+    parser.add_argument("--scenarios", default="", help="comma-separated names (default: all)")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS)
+    parser.add_argument("--skip-stampede", action="store_true")
+    parser.add_argument("--skip-warm-impact", action="store_true")
+    return parser.parse_args(argv)
+
+
+async def _popularity(settings: Settings) -> list[str]:
+    # Zipf rank 0 is the post Warm picks first: published, most viewed; unpublished posts come last.
+    engine = db.create_engine(settings)
+    try:
+        async with engine.connect() as connection:
+            order = posts.c.published.desc(), posts.c.views.desc(), posts.c.id
+            return list((await connection.execute(select(posts.c.id).order_by(*order))).scalars())
+    finally:
+        await engine.dispose()
+
+
+def _start(names: set[str], specs: dict[str, Any], log_dir: Path) -> dict[str, RunningServer]:
+    started = {name: RunningServer(specs[name], log_dir) for name in sorted(names)}
+    try:
+        for server in started.values():
+            server.wait_listening()
+    except Exception:
+        for server in started.values():
+            server.stop()
+        raise
+    return started
+
+
+async def _rounds(
+    chosen: list[Scenario],
+    servers: dict[str, RunningServer],
+    sequences: dict[str, list[bytes]],
+    bodies: dict[str, Path],
+    args: argparse.Namespace,
+) -> dict[str, list[dict[str, Any]]]:
+    channels = {name: grpc.aio.insecure_channel(server.target) for name, server in servers.items()}
+    stubs = {name: pb_grpc.CacheServiceStub(channel) for name, channel in channels.items()}
+    shape = LoadShape(args.duration, args.connections, args.streams)
+    runs: dict[str, list[dict[str, Any]]] = {}
+    try:
+        for round_number in range(args.rounds):
+            # Rotate the order too, so no scenario always follows the same neighbour.
+            order = chosen[round_number % len(chosen) :] + chosen[: round_number % len(chosen)]
+            for scenario in order:
+                product = stubs.get(scenario.compare_to) if scenario.compare_to else None
+                target = Target(stubs[scenario.server], product, sequences)
+                run = await measure(scenario, servers[scenario.server], target, bodies, shape)
+                runs.setdefault(scenario.name, []).append(run)
+                print(
+                    f"round {round_number + 1}/{args.rounds} {scenario.name:<16} "
+                    f"{run['req_per_s']:>8,.0f} req/s  p99 {run['p99_ms']:6.1f} ms",
+                    flush=True,
+                )
+    finally:
+        for channel in channels.values():
+            await channel.close(None)
+    return runs
+
+
+async def _throughput(args: argparse.Namespace, chosen: list[Scenario], scratch: Path) -> dict[str, Any]:
+    with bench_redis_url() as redis_url:
+        async with bench_database(str(scratch)) as (database_url, schema):
+            found = await machine.describe(
+                redis_url=redis_url, database_url=database_url, h2load=h2load.binary()
+            )
+            print("machine:", machine.one_line(found), flush=True)
+            settings = Settings(database_url=database_url, database_schema=schema)
+            engine = db.create_engine(settings)
+            started = time.monotonic()
+            await seed(engine, SeedCounts(users=1000, posts=args.posts, comments=0), progress=False)
+            await engine.dispose()
+            print(f"seeded {args.posts:,} posts in {time.monotonic() - started:.0f}s", flush=True)
+            sequences = request_sequences(await _popularity(settings))
+            bodies = {name: scratch / f"{name}.bin" for name in sequences}
+            for name, path in bodies.items():
+                write_bodies(path, sequences[name])
+            env = {
+                "CACHEASIDE_DATABASE_URL": database_url,
+                "CACHEASIDE_DATABASE_SCHEMA": schema,
+                "CACHEASIDE_REDIS_URL": redis_url,
+                "CACHEASIDE_WARM_ON_START": "false",
+                "CACHEASIDE_WARM_BATCH": "500",
+                "CACHEASIDE_WARM_RATE_PER_S": "100000",
+                "CACHEASIDE_LOG_FORMAT": "json",
+            }
+            with EmbeddedRedis() as doomed:
+                specs = server_specs(env, uuid.uuid4().hex[:8], doomed.url)
+                names = {s.server for s in chosen} | {s.compare_to for s in chosen if s.compare_to}
+                servers = _start(names, specs, scratch)
+            # The Redis of aio-redis-down is gone now: its reads bypass the cache.
+            try:
+                runs = await _rounds(chosen, servers, sequences, bodies, args)
+            finally:
+                for server in servers.values():
+                    server.stop()
+    return {"machine": found, "runs": runs, "database": database_url.split(":", 1)[0]}
+
+
+async def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the suite; returns the report it wrote."""
+    args = _arguments(argv)
+    try:
+        h2load.binary()
+    except h2load.H2loadMissing as exc:
+        print(exc, file=sys.stderr)
+        raise SystemExit(2) from exc
+    if shutil.which("taskset") is None:
+        raise SystemExit("taskset (util-linux) not found: the suite pins servers to cores with it")
+    wanted = set(filter(None, args.scenarios.split(",")))
+    chosen = [s for s in scenarios() if not wanted or s.name in wanted]
+    if wanted - {s.name for s in chosen}:
+        raise SystemExit(f"unknown scenarios: {', '.join(sorted(wanted - {s.name for s in chosen}))}")
+    with tempfile.TemporaryDirectory() as scratch:
+        measured = await _throughput(args, chosen, Path(scratch))
+    summary = {name: report.summarize(runs) for name, runs in measured["runs"].items()}
+    result: dict[str, Any] = {
+        "command": "make bench (python -m benchmarks.suite " + " ".join(argv or sys.argv[1:]) + ")",
+        "machine": measured["machine"],
+        "load": {
+            "duration_s": args.duration,
+            "rounds": args.rounds,
+            "connections": args.connections,
+            "streams_per_connection": args.streams,
+            "posts": args.posts,
+            "server_cpu": "1 (taskset), load generator on 0",
+        },
+        "scenarios": {s.name: {"server": s.server, "what": s.what} | summary[s.name] for s in chosen},
+        "ratios": report.ratios(summary),
+    }
+    _write(result, chosen, summary, args.results_dir)  # kept even if a scenario below fails
+    _print(result, chosen, summary)
+    if not args.skip_stampede:
+        from benchmarks import stampede
+
+        result["stampede"] = await _guarded("stampede", stampede.main([]))
+    if not args.skip_warm_impact:
+        from benchmarks import warm_impact
+
+        result["warm_impact"] = await _guarded("warm impact", warm_impact.main([]))
+    _print_others(result)
+    _write(result, chosen, summary, args.results_dir)
+    return result
+
+
+async def _guarded(name: str, scenario: Awaitable[dict[str, Any]]) -> dict[str, Any]:
+    try:
+        return await scenario
+    except Exception as exc:  # reported in the table's notes and the JSON, not fatal to the suite
+        print(f"WARNING: the {name} scenario failed: {exc!r}", flush=True)
+        return {"error": repr(exc)}
+
+
+def _write(result: dict[str, Any], chosen: list[Scenario], summary: dict[str, Any], directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "suite.json").write_text(json.dumps(result, indent=2) + "\n")
+    title = f"cacheaside make bench: {machine.one_line(result['machine'])}"
+    chart.draw(directory / "suite.png", [s.name for s in chosen], summary, title)
+
+
+def _print(result: dict[str, Any], chosen: list[Scenario], summary: dict[str, Any]) -> None:
+    load = result["load"]
+    print()
+    print("machine:", machine.one_line(result["machine"]))
+    print(
+        f"load: {load['connections']} connections x {load['streams_per_connection']} streams, "
+        f"{load['rounds']} interleaved runs of {load['duration_s']:g}s per scenario; "
+        f"server on core 1, load generator on core 0; {load['posts']:,} posts"
+    )
+    print(report.table(chosen, summary))
+    print(report.ratio_lines(result["ratios"]))
+    for problem in report.problems(summary, in_flight=load["connections"] * load["streams_per_connection"]):
+        print("WARNING:", problem)
+
+
+def _print_others(result: dict[str, Any]) -> None:
+    stampede = result.get("stampede", {})
+    if "loads_per_expiry" in stampede:
+        loads = stampede["loads_per_expiry"]
+        print(
+            f"- hot-key stampede: {loads['leases']['median']:g} database loads per expiry with leases, "
+            f"{loads['no leases']['median']:g} without"
+        )
+    warm = result.get("warm_impact", {})
+    if "ratio_p99_warm_to_no_warm" in warm:
+        ratio = warm["ratio_p99_warm_to_no_warm"]
+        print(f"- live reads' p99 during a warm of 10,000 keys / without: {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

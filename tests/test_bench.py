@@ -1,0 +1,81 @@
+"""The benchmark harness (`make bench`) in a tiny mode, so it cannot rot between benchmark runs.
+
+Half a second of load per scenario over 2,000 posts: the numbers mean nothing here, but every kind of
+scenario must run end to end (h2load and the keyed generator, the product in both event loops, Redis
+down, the bench-only servers) and what the server reports must match what the scenario claims.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from benchmarks import suite
+from benchmarks.keyed_load import header_block, read_bodies, write_bodies
+from server.app import run
+
+TINY = "hit,miss,zipf,batch100,redis-down,noop,hit-uvloop,hit-sync"
+
+
+@pytest.fixture
+def h2load() -> None:
+    if shutil.which("h2load") is None:
+        message = "h2load not installed (apt-get install nghttp2-client, or make bench-deps)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.mark.timeout(90)
+async def test_the_suite_runs_every_kind_of_scenario_and_checks_it(h2load: None, tmp_path: Path) -> None:
+    argv = ["--duration", "0.5", "--rounds", "1", "--posts", "2000", "--scenarios", TINY,
+            "--skip-stampede", "--skip-warm-impact", "--results-dir", str(tmp_path)]  # fmt: skip
+    result = await suite.main(argv)
+
+    rows = result["scenarios"]
+    assert set(rows) == set(TINY.split(","))
+    for name, row in rows.items():
+        assert row["req_per_s"]["median"] > 0, name
+        assert row["failed_at_client"]["max"] == 0, name
+        assert row["cpu_us_per_request"]["median"] > 0, name
+    assert rows["hit"]["hit_ratio"]["median"] == 1.0
+    assert rows["hit-uvloop"]["hit_ratio"]["median"] == 1.0
+    assert rows["miss"]["hit_ratio"]["median"] == 0.0  # every call a new key after invalidation
+    assert rows["miss"]["db_loads_per_1000"]["median"] > 900
+    assert 0 < rows["zipf"]["hit_ratio"]["median"] < 1
+    assert rows["redis-down"]["hit_ratio"]["median"] == 0.0  # bypassed, never hit
+    assert rows["batch100"]["items_per_s"]["median"] == pytest.approx(100 * rows["batch100"]["req_per_s"]["median"])
+    assert "hit_ratio" not in rows["noop"]  # bench-only servers have no counters
+    ratios = {ratio["name"]: ratio for ratio in result["ratios"]}
+    assert ratios["cache hit / uncached database (miss)"]["value"] > 0
+    assert json.loads((tmp_path / "suite.json").read_text())["machine"]["cores"] >= 1
+    assert (tmp_path / "suite.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_request_sequences_survive_the_file_round_trip(tmp_path: Path) -> None:
+    bodies = [b"", b"\x0a\x08p0000001", bytes(300)]
+    write_bodies(tmp_path / "bodies.bin", bodies)
+    assert read_bodies(tmp_path / "bodies.bin") == bodies
+
+
+def test_the_request_header_block_is_plain_hpack_literals() -> None:
+    block = header_block("127.0.0.1:1", "/cacheaside.v1.CacheService/GetPost")
+    assert block.startswith(b"\x83\x86\x04\x23/cacheaside.v1.CacheService/GetPost")
+    assert b"\x0f\x10\x10application/grpc" in block  # content-type: static entry 31
+    assert block.endswith(b"\x00\x02te\x08trailers")
+
+
+def test_the_event_loop_setting_picks_uvloop() -> None:
+    import asyncio
+
+    import uvloop
+
+    async def loop_type() -> type:
+        return type(asyncio.get_running_loop())
+
+    assert run(loop_type(), "uvloop") is uvloop.Loop
+    assert run(loop_type(), "asyncio") is not uvloop.Loop
