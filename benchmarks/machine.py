@@ -69,9 +69,11 @@ async def describe(*, redis_url: str, database_url: str, h2load: str) -> dict[st
 
 def one_line(machine: dict[str, Any]) -> str:
     """The machine in one line."""
+    load = f"load average {'/'.join(map(str, machine['load_average_at_start']))} at start"
+    if "load_average_at_end" in machine:
+        load += f", {'/'.join(map(str, machine['load_average_at_end']))} at end"
     return (
         f"{machine['cores']} x {machine['cpu']}, {machine['memory_gib']} GiB, Linux {machine['kernel']}, "
-        f"load {'/'.join(str(x) for x in machine['load_average_at_start'])} at start; "
-        f"Python {machine['python']}, grpcio {machine['grpcio']}, {machine['redis']}, "
+        f"{load}; Python {machine['python']}, grpcio {machine['grpcio']}, {machine['redis']}, "
         f"{machine['database']}, {machine['load_generator']}"
     )
