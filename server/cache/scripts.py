@@ -23,62 +23,79 @@ local function usable(value, generation, now)
 end
 """
 
-# KEYS[1]: value key, KEYS[2]: lease key, KEYS[3..]: tag sets. ARGV[1]: token, ARGV[2]: lease ms,
-# ARGV[3]: now ms, ARGV[4]: '1' to take a lease even if the value is fresh (refresh, warming),
-# ARGV[5]: the namespace generation the caller read (a value of another generation is not fresh).
-# Returns {'value', bytes} if fresh, {'granted', ''}, {'wait', pttl} or {'error', pttl}.
-# The key joins its tags at lease time, so a tag invalidation during the load voids the lease too.
+# Many requests in one call, so a batch costs one round trip and one command to encode, not one each.
+# KEYS, per request: value key, lease key, then its tag sets. ARGV[1]: lease ms, ARGV[2]: now ms,
+# ARGV[3]: the namespace generation the caller read; then per request: token, force ('1' takes the
+# lease even if the value is fresh: refresh, warming), number of tags.
+# Replies, per request: {'value', bytes} if fresh in this generation, {'granted', ''}, {'wait', pttl}
+# or {'error', pttl}. A key joins its tags at lease time, so a tag invalidation during the load voids
+# the lease too.
 LEASE = (
     _HEADER
     + """
-if ARGV[4] ~= '1' then
-  local value = redis.call('GET', KEYS[1])
-  if value and usable(value, tonumber(ARGV[5]), tonumber(ARGV[3])) then
-    return {'value', value}
+local lease_ms, now, generation = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local replies = {}
+local k = 1
+for a = 4, #ARGV, 3 do
+  local token, force, tags = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+  local key, lease = KEYS[k], KEYS[k + 1]
+  local reply = nil
+  if force ~= '1' then
+    local value = redis.call('GET', key)
+    if value and usable(value, generation, now) then reply = {'value', value} end
   end
-end
-local holder = redis.call('GET', KEYS[2])
-if holder then
-  local kind = 'wait'
-  if holder == '"""
+  if not reply then
+    local holder = redis.call('GET', lease)
+    if holder then
+      local kind = 'wait'
+      if holder == '"""
     + ERROR_MARK
     + """' then kind = 'error' end
-  return {kind, tostring(redis.call('PTTL', KEYS[2]))}
+      reply = {kind, tostring(redis.call('PTTL', lease))}
+    else
+      redis.call('SET', lease, token, 'PX', lease_ms)
+      for i = k + 2, k + 1 + tags do
+        redis.call('SADD', KEYS[i], key)
+        if redis.call('PTTL', KEYS[i]) < lease_ms then redis.call('PEXPIRE', KEYS[i], lease_ms) end
+      end
+      reply = {'granted', ''}
+    end
+  end
+  replies[#replies + 1] = reply
+  k = k + 2 + tags
 end
-redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-local lease_ms = tonumber(ARGV[2])
-for i = 3, #KEYS do
-  redis.call('SADD', KEYS[i], KEYS[1])
-  if redis.call('PTTL', KEYS[i]) < lease_ms then redis.call('PEXPIRE', KEYS[i], lease_ms) end
-end
-return {'granted', ''}
+return replies
 """
 )
 
-# KEYS[1]: value key, KEYS[2]: lease key, KEYS[3..]: tag sets. ARGV[1]: token, ARGV[2]: value,
-# ARGV[3]: TTL ms, ARGV[4]: fill channel. Writes only if the lease still holds the token.
+# Many fills in one call. KEYS, per fill: value key, lease key, then its tag sets. ARGV[1]: the fill
+# channel; then per fill: token ('' writes without a lease: the plain baseline), value, TTL ms,
+# number of tags. A fill with a token writes only if the lease still holds that token. Replies 1 or
+# 0 per fill.
 FILL = """
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
-local ttl = tonumber(ARGV[3])
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ttl)
-redis.call('DEL', KEYS[2])
-for i = 3, #KEYS do
-  redis.call('SADD', KEYS[i], KEYS[1])
-  if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
+local channel = ARGV[1]
+local written = {}
+local k = 1
+for a = 2, #ARGV, 4 do
+  local token, value, ttl, tags = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local key, lease = KEYS[k], KEYS[k + 1]
+  local ok = 1
+  if token ~= '' and redis.call('GET', lease) ~= token then ok = 0 end
+  if ok == 1 then
+    redis.call('SET', key, value, 'PX', ttl)
+    for i = k + 2, k + 1 + tags do
+      redis.call('SADD', KEYS[i], key)
+      if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
+    end
+    if token ~= '' then
+      redis.call('DEL', lease)
+      redis.call('PUBLISH', channel, key)
+    end
+  end
+  written[#written + 1] = ok
+  k = k + 2 + tags
 end
-redis.call('PUBLISH', ARGV[4], KEYS[1])
-return 1
-"""
-
-# Without leases (the plain cache-aside baseline): KEYS as FILL, ARGV[1]: value, ARGV[2]: TTL ms.
-SET_TAGGED = """
-local ttl = tonumber(ARGV[2])
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
-for i = 2, #KEYS do
-  redis.call('SADD', KEYS[i], KEYS[1])
-  if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
-end
-return 1
+return written
 """
 
 # KEYS[1]: lease key. ARGV[1]: token, ARGV[2]: error ms (0: just release), ARGV[3]: channel,

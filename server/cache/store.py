@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, TypeVar, cast
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -96,7 +96,6 @@ class RedisStore:
         )
         self._lease = redis.register_script(scripts.LEASE)
         self._fill = redis.register_script(scripts.FILL)
-        self._set_tagged = redis.register_script(scripts.SET_TAGGED)
         self._release = redis.register_script(scripts.RELEASE)
         self._invalidate = redis.register_script(scripts.INVALIDATE)
         self._last_failure_log = 0.0
@@ -117,13 +116,17 @@ class RedisStore:
         timeout_s = timeout_ms / 1000
         # No retries inside redis-py: a retry doubles the wait on a dead Redis, and the breaker
         # is the retry policy here.
-        redis = Redis.from_url(
+        # A blocking pool: a burst beyond max_connections waits up to the timeout for a connection,
+        # where the default pool would fail at once and open the breaker on a healthy Redis.
+        pool = BlockingConnectionPool.from_url(
             url,
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             retry=Retry(NoBackoff(), 0),
             max_connections=max_connections,
+            timeout=timeout_s,
         )
+        redis = Redis(connection_pool=pool)
         return cls(
             redis,
             prefix=prefix,
@@ -162,47 +165,30 @@ class RedisStore:
     async def lease(
         self, requests: Sequence[LeaseRequest], *, lease_ms: int, now_ms: int, generation: int
     ) -> list[LeaseResult]:
-        """Ask for many leases in one pipelined round trip."""
-
-        async def run() -> list[Any]:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for request in requests:
-                    key = self.prefix + request.key
-                    keys = [key, key + scripts.LEASE_SUFFIX, *(self.prefix + tag for tag in request.tags)]
-                    args: list[_Arg] = [
-                        request.token,
-                        lease_ms,
-                        now_ms,
-                        "1" if request.force else "0",
-                        generation,
-                    ]
-                    await self._lease(keys=keys, args=args, client=pipe)
-                return await pipe.execute()
-
-        replies = await self._guarded(run)
+        """Ask for many leases in one script call."""
+        if not requests:
+            return []
+        keys: list[str] = []
+        args: list[_Arg] = [lease_ms, now_ms, generation]
+        for request in requests:
+            key = self.prefix + request.key
+            keys += [key, key + scripts.LEASE_SUFFIX, *(self.prefix + tag for tag in request.tags)]
+            args += [request.token, "1" if request.force else "0", len(request.tags)]
+        replies = await self._guarded(lambda: self._lease(keys=keys, args=args))
         return [_lease_result(reply) for reply in replies]
 
     async def fill(self, fills: Sequence[Fill]) -> list[bool]:
-        """Write values in one pipelined round trip; those with a token only if they still hold it."""
+        """Write values in one script call; those with a token only if their lease still holds it."""
         if not fills:
             return []
-
-        async def run() -> list[Any]:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for fill in fills:
-                    key = self.prefix + fill.key
-                    tags = [self.prefix + tag for tag in fill.tags]
-                    if fill.token:
-                        keys = [key, key + scripts.LEASE_SUFFIX, *tags]
-                        args: list[_Arg] = [fill.token, fill.value, fill.ttl_ms, self.channel]
-                        await self._fill(keys=keys, args=args, client=pipe)
-                    elif tags:
-                        await self._set_tagged(keys=[key, *tags], args=[fill.value, fill.ttl_ms], client=pipe)
-                    else:
-                        pipe.set(key, fill.value, px=fill.ttl_ms)
-                return await pipe.execute()
-
-        return [bool(reply) for reply in await self._guarded(run)]
+        keys: list[str] = []
+        args: list[_Arg] = [self.channel]
+        for fill in fills:
+            key = self.prefix + fill.key
+            keys += [key, key + scripts.LEASE_SUFFIX, *(self.prefix + tag for tag in fill.tags)]
+            args += [fill.token, fill.value, fill.ttl_ms, len(fill.tags)]
+        replies = await self._guarded(lambda: self._fill(keys=keys, args=args))
+        return [bool(reply) for reply in replies]
 
     async def release(self, leases: Sequence[tuple[str, str]], *, error_ms: int) -> None:
         """Give up leases (key, token) after a failed load, leaving an error mark for error_ms."""
