@@ -3,7 +3,8 @@
 One server process over PostgreSQL (or SQLite) and Redis. An open-loop reader sends cache hits on an
 already cached working set at a fixed rate (a third of what this server does flat out), whether or
 not earlier ones have answered, as live traffic would; latency is measured at the client. Phases
-alternate (warm, no warm, warm, no warm) and each quiet phase lasts as long as the warm before it. Prints p50 and p99 per phase and the ratio of the p99s; target <= 1.2.
+alternate (warm, no warm, warm, no warm) and each quiet phase lasts as long as the warm before it.
+Prints p50 and p99 per phase and the ratio of the p99s; target <= 1.2.
 """
 
 from __future__ import annotations
