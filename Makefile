@@ -40,6 +40,8 @@ test: install node-deps
 bench: install
 	@bash scripts/ensure_services.sh
 	$(BIN)/python -m benchmarks.stampede
+	$(BIN)/python -m benchmarks.invalidation_lag
+	$(BIN)/python -m benchmarks.warm_impact
 
 lint: install
 	$(BIN)/ruff check .
