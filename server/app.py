@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from server import db, tls
 from server.auth import AuthInterceptor
 from server.cache import CacheEngine, FillNotifier, RedisStore
+from server.cache.near import NearCache
 from server.config import Settings
 from server.domain.catalog import build_catalog
 from server.domain.keys import key_prefix
@@ -132,9 +133,15 @@ def create_app(
         if settings.leases
         else None
     )
+    near = (
+        NearCache(max_entries=settings.near_cache_entries, ttl_s=settings.near_cache_ttl_ms / 1000)
+        if settings.near_cache_entries
+        else None
+    )
     engine = CacheEngine(
         store,
         notifier=notifier,
+        near=near,
         load_timeout_s=settings.db_timeout_ms / 1000,
         leases=settings.leases,
         lease_ttl_ms=settings.lease_ttl_ms,

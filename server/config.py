@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     xfetch_beta_hot: float = Field(default=1.0, ge=0)
     xfetch_beta_warm: float = Field(default=1.0, ge=0)
     xfetch_beta_cold: float = Field(default=1.0, ge=0)
+    near_cache_entries: int = Field(default=10_000, ge=0)
+    near_cache_ttl_ms: int = Field(default=1000, gt=0)
     auto_invalidate: bool = True
     outbox_poll_ms: int = Field(default=1000, gt=0)
     outbox_batch: int = Field(default=500, gt=0)

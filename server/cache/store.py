@@ -26,7 +26,8 @@ _LOGGER = logging.getLogger(__name__)
 _T = TypeVar("_T")
 _Arg = bytes | str | int
 _FAILURE_LOG_INTERVAL_S = 5.0
-FILL_CHANNEL = "fills"
+FILL_CHANNEL = "events"
+EVENT_COUNTER = "events:seq"
 GENERATION_KEY = "generation"  # bumped to invalidate everything at once
 
 
@@ -89,6 +90,7 @@ class RedisStore:
         self.redis = redis
         self.prefix = prefix
         self.channel = prefix + FILL_CHANNEL
+        self._events = prefix + EVENT_COUNTER
         self._generation_key = prefix + GENERATION_KEY
         self.stats = StoreStats()
         self.breaker = CircuitBreaker(
@@ -98,6 +100,7 @@ class RedisStore:
         self._fill = redis.register_script(scripts.FILL)
         self._release = redis.register_script(scripts.RELEASE)
         self._invalidate = redis.register_script(scripts.INVALIDATE)
+        self._bump = redis.register_script(scripts.BUMP_GENERATION)
         self._last_failure_log = 0.0
         self._suppressed_failures = 0
 
@@ -160,7 +163,8 @@ class RedisStore:
 
     async def bump_generation(self) -> int:
         """Invalidate every key at once, in O(1): returns the new generation."""
-        return int(await self._guarded(lambda: self.redis.incr(self._generation_key)))
+        args: list[_Arg] = [self.channel, self._events]
+        return int(await self._guarded(lambda: self._bump(keys=[self._generation_key], args=args)))
 
     async def lease(
         self, requests: Sequence[LeaseRequest], *, lease_ms: int, now_ms: int, generation: int
@@ -182,7 +186,7 @@ class RedisStore:
         if not fills:
             return []
         keys: list[str] = []
-        args: list[_Arg] = [self.channel]
+        args: list[_Arg] = [self.channel, self._events]
         for fill in fills:
             key = self.prefix + fill.key
             keys += [key, key + scripts.LEASE_SUFFIX, *(self.prefix + tag for tag in fill.tags)]
@@ -201,7 +205,7 @@ class RedisStore:
                     prefixed = self.prefix + key
                     keys = [prefixed + scripts.LEASE_SUFFIX]
                     await self._release(
-                        keys=keys, args=[token, error_ms, self.channel, prefixed], client=pipe
+                        keys=keys, args=[token, error_ms, self.channel, prefixed, self._events], client=pipe
                     )
                 await pipe.execute()
 
@@ -212,7 +216,7 @@ class RedisStore:
         all_keys = [self.prefix + key for key in keys] + [self.prefix + tag for tag in tags]
         if not all_keys:
             return 0
-        args: list[_Arg] = [len(keys), scripts.LEASE_SUFFIX, self.channel]
+        args: list[_Arg] = [len(keys), scripts.LEASE_SUFFIX, self.channel, self._events]
         result = await self._guarded(lambda: self._invalidate(keys=all_keys, args=args))
         return int(result)
 
