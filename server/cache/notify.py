@@ -57,6 +57,7 @@ class FillNotifier:
             socket_timeout=None,  # a subscriber waits for messages without limit ...
             socket_keepalive=True,
             health_check_interval=5,  # ... but a half-open connection is noticed
+            client_name=f"cacheaside-events:{prefix}"[:128],  # so an operator can tell it apart
         )
         return cls(redis, channel=channel, prefix=prefix)
 
