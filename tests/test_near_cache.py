@@ -96,7 +96,9 @@ async def test_a_lost_event_connection_flushes_and_stops_near_hits_until_it_is_b
     assert near is not None
     assert notifier is not None
     name = f"cacheaside-events:{reader.prefix}"
-    ours = [client["id"] for client in await redis_client.client_list(_type="pubsub") if client["name"] == name]
+    ours = [
+        client["id"] for client in await redis_client.client_list(_type="pubsub") if client["name"] == name
+    ]
     assert ours
     for client_id in ours:
         await redis_client.client_kill_filter(_id=client_id)
