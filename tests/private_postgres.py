@@ -44,7 +44,8 @@ def private_postgres() -> Iterator[str]:
         port = free_port()
 
         def run(*command: str) -> None:
-            done = subprocess.run([*as_user, *command], capture_output=True, text=True, timeout=120, check=False)
+            argv = [*as_user, *command]
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
             if done.returncode:
                 raise RuntimeError(f"{Path(command[0]).name} failed: {done.stderr.strip()[:300]}")
 
