@@ -18,7 +18,7 @@ from server.auth import AuthInterceptor
 from server.cache import CacheEngine, FillNotifier, RedisStore
 from server.cache.near import NearCache
 from server.config import Settings
-from server.domain.catalog import build_catalog
+from server.domain.catalog import build_catalog, families
 from server.domain.keys import key_prefix
 from server.domain.queries import Queries
 from server.embedded_redis import EmbeddedRedis
@@ -122,12 +122,13 @@ def create_app(
         max_connections=settings.redis_max_connections,
         breaker_failures=settings.redis_breaker_failures,
         breaker_cooldown_ms=settings.redis_breaker_cooldown_ms,
+        cluster=settings.redis_cluster,
     )
     notifier = (
         FillNotifier.connect(
             redis_url,
             channel=store.channel,
-            prefix=store.prefix,
+            layout=store.layout,
             connect_timeout_ms=settings.redis_timeout_ms,
         )
         if settings.leases
@@ -153,6 +154,8 @@ def create_app(
     database = db.create_engine(settings)
     queries = Queries(database)
     catalog = metrics.timed_catalog(build_catalog(settings, queries))
+    for family in families(catalog):
+        store.layout.register(family.key_prefix, family.tags)
     metrics.watch_engine(engine)
     warmer = Warmer(
         engine,

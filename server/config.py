@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=10, gt=0)
     redis_url: str = ""
     redis_timeout_ms: int = Field(default=100, gt=0)
+    redis_cluster: bool = False
     redis_max_connections: int = Field(default=64, gt=0)
     redis_breaker_failures: int = Field(default=3, gt=0)
     redis_breaker_cooldown_ms: int = Field(default=1000, gt=0)

@@ -78,9 +78,12 @@ async def test_a_gap_in_the_event_sequence_flushes_everything(
     near = reader.app.engine.near
     assert near is not None
     flushes = near.stats.flushes
-    sequence = int(await redis_client.get(reader.prefix + "events:seq") or 0)
+    counter = reader.prefix + "events:seq"
+    sequence = int(await redis_client.get(counter) or 0)
     # An event numbered past the next one: the ones between were lost on the way.
-    await redis_client.publish(reader.prefix + "events", f"{sequence + 5} f {reader.prefix}post:unrelated")
+    await redis_client.publish(
+        reader.prefix + "events", f"{counter} {sequence + 5} f {reader.prefix}post:unrelated"
+    )
     await until(lambda: near.stats.flushes > flushes)
     assert len(near) == 0
     assert reader.app.engine.notifier.gaps == 1  # type: ignore[union-attr]

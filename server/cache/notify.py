@@ -1,6 +1,7 @@
 """Cache events over Redis pub/sub: fills wake lease waiters, invalidations reach every process.
 
-One subscriber connection per process reads "<seq> <kind> <key>" messages (scripts.py publishes them:
+One subscriber connection per process reads "<counter> <seq> <kind> <key>" messages (scripts.py
+publishes them:
 f fill, r released lease, i invalidated, g new generation). A waiter registers interest in a key
 *before* it checks Redis, so a fill between the check and the wait still wakes it. Messages can be
 lost (a dropped connection, a subscriber too slow for Redis's output buffer): the sequence numbers
@@ -16,6 +17,8 @@ import logging
 from collections.abc import Callable
 
 from redis.asyncio import Redis
+
+from server.cache.layout import KeyLayout
 
 _LOGGER = logging.getLogger(__name__)
 _RECONNECT_S = 1.0
@@ -37,29 +40,32 @@ class EventListener:
 class FillNotifier:
     """Wakes local waiters and informs listeners of every cache event, from any process."""
 
-    def __init__(self, redis: Redis, *, channel: str, prefix: str) -> None:
+    def __init__(self, redis: Redis, *, channel: str, layout: KeyLayout) -> None:
         self._redis = redis
         self._channel = channel
-        self._prefix = prefix
+        self._layout = layout
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._listeners: list[EventListener] = []
         self._task: asyncio.Task[None] | None = None
-        self._last_seq: int | None = None
+        self._last_seq: dict[str, int] = {}  # per counter: one on a single Redis, per slot on a cluster
         self.connected = asyncio.Event()
         self.gaps = 0
 
     @classmethod
-    def connect(cls, url: str, *, channel: str, prefix: str, connect_timeout_ms: int) -> FillNotifier:
-        """A notifier on its own connection: pub/sub reads block, so no command timeout applies."""
+    def connect(cls, url: str, *, channel: str, layout: KeyLayout, connect_timeout_ms: int) -> FillNotifier:
+        """A notifier on its own connection: pub/sub reads block, so no command timeout applies.
+
+        On a cluster it subscribes at the node the URL names: classic pub/sub reaches every node.
+        """
         redis = Redis.from_url(
             url,
             socket_connect_timeout=connect_timeout_ms / 1000,
             socket_timeout=None,  # a subscriber waits for messages without limit ...
             socket_keepalive=True,
             health_check_interval=5,  # ... but a half-open connection is noticed
-            client_name=f"cacheaside-events:{prefix}"[:128],  # so an operator can tell it apart
+            client_name=f"cacheaside-events:{layout.prefix}"[:128],  # so an operator can tell it apart
         )
-        return cls(redis, channel=channel, prefix=prefix)
+        return cls(redis, channel=channel, layout=layout)
 
     def listen(self, listener: EventListener) -> None:
         """Tell listener of every event, and whenever events may have been missed."""
@@ -85,7 +91,7 @@ class FillNotifier:
                 del self._waiters[key]
 
     def _missed(self) -> None:
-        self._last_seq = None
+        self._last_seq.clear()
         for events in self._waiters.values():
             for event in events:
                 event.set()
@@ -93,14 +99,17 @@ class FillNotifier:
             listener.on_missed()
 
     def _handle(self, data: bytes) -> None:
-        seq_text, kind, key = data.decode().split(" ", 2)
+        counter, seq_text, kind, redis_key = data.decode().split(" ", 3)
         seq = int(seq_text)
-        if self._last_seq is not None and seq != self._last_seq + 1:
+        last = self._last_seq.get(counter)
+        if last is not None and seq != last + 1:
             self.gaps += 1
-            _LOGGER.warning("cache events %d..%d were missed; near caches flush", self._last_seq + 1, seq - 1)
+            _LOGGER.warning(
+                "cache events %d..%d of %s were missed; near caches flush", last + 1, seq - 1, counter
+            )
             self._missed()
-        self._last_seq = seq
-        key = key[len(self._prefix) :]
+        self._last_seq[counter] = seq
+        key = self._layout.key_of(redis_key) if redis_key else ""
         for listener in self._listeners:
             listener.on_event(kind, key)
         for event in self._waiters.get(key, ()):

@@ -7,14 +7,17 @@ and lease together, so a load that began before an invalidation can never write 
 
 from __future__ import annotations
 
-LEASE_SUFFIX = ":lease"
+from server.cache.layout import LEASE_SUFFIX
+
+__all__ = ["BUMP_GENERATION", "ERROR_MARK", "FILL", "INVALIDATE", "LEASE", "LEASE_SUFFIX", "RELEASE"]
 
 # Every change a process must hear of (a fill, a released lease, an invalidated key, a new generation)
-# is published on one channel as "<seq> <kind> <key>". seq comes from one counter, so a subscriber
-# that sees a gap knows it missed something and flushes what it holds (the near cache).
+# is published on one channel as "<counter> <seq> <kind> <key>". seq comes from a counter in the
+# script's own slot (one counter on a single Redis), so a subscriber that sees a gap in a counter's
+# numbers knows it missed something and flushes what it holds (the near cache).
 _EVENT = """
-local function event(channel, events, kind, key)
-  redis.call('PUBLISH', channel, redis.call('INCR', events) .. ' ' .. kind .. ' ' .. key)
+local function event(channel, counter, kind, key)
+  redis.call('PUBLISH', channel, counter .. ' ' .. redis.call('INCR', counter) .. ' ' .. kind .. ' ' .. key)
 end
 """
 ERROR_MARK = "!error"  # a lease value: the last load failed; callers back off until it expires
