@@ -84,8 +84,8 @@ def postgres_url() -> Iterator[str]:
         yield url
         return
     try:
-        with private_postgres() as private_url:
-            yield private_url
+        with private_postgres() as private:
+            yield private.url
             return
     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
         message = f"PostgreSQL at {url} is unreachable ({problem}) and a private one failed to start ({exc})"

@@ -7,13 +7,15 @@ Like pytest-postgresql, it needs the server's binaries (Debian's postgresql pack
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from server.embedded_redis import free_port
@@ -28,9 +30,17 @@ def _binaries() -> Path | None:
     return Path(found).parent if found else None
 
 
+@dataclass
+class PrivatePostgres:
+    """A running private server: its URL, and a restart (as an operator's would)."""
+
+    url: str
+    restart: Callable[[], None]
+
+
 @contextmanager
-def private_postgres() -> Iterator[str]:
-    """Start a throwaway server on a free loopback port; yields its SQLAlchemy URL, then removes it."""
+def private_postgres() -> Iterator[PrivatePostgres]:
+    """Start a throwaway server on a free loopback port; yields it, then removes it."""
     binaries = _binaries()
     if binaries is None:
         raise RuntimeError("no PostgreSQL binaries (initdb) found; install PostgreSQL or start one")
@@ -54,6 +64,21 @@ def private_postgres() -> Iterator[str]:
         run(str(binaries / "pg_ctl"), "-D", str(data), "-o", options, "-w", "-l", f"{scratch}/log", "start")
         try:
             run(str(binaries / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "test")
-            yield f"postgresql+asyncpg://postgres@127.0.0.1:{port}/test"
+            restart = functools.partial(
+                # -l as at start: without it the server would hold pg_ctl's output pipes open.
+                run,
+                str(binaries / "pg_ctl"),
+                "-D",
+                str(data),
+                "-o",
+                options,
+                "-l",
+                f"{scratch}/log",
+                "-w",
+                "-m",
+                "fast",
+                "restart",
+            )
+            yield PrivatePostgres(f"postgresql+asyncpg://postgres@127.0.0.1:{port}/test", restart)
         finally:
             run(str(binaries / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")

@@ -63,6 +63,12 @@ class ServerProcess:
         self.port: int = self._conn.recv()
 
     @property
+    def pid(self) -> int:
+        """The child's process id."""
+        assert self._process.pid is not None
+        return self._process.pid
+
+    @property
     def target(self) -> str:
         """host:port of this server."""
         return f"127.0.0.1:{self.port}"
