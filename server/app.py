@@ -23,6 +23,7 @@ from server.domain.queries import Queries
 from server.embedded_redis import EmbeddedRedis
 from server.health import HealthChecker
 from server.invalidator import OutboxInvalidator
+from server.limits import ConcurrencyLimitInterceptor
 from server.metrics import Metrics, MetricsServer
 from server.observability import ObservabilityInterceptor
 from server.service import SERVICE_NAME, CacheService
@@ -142,6 +143,7 @@ def create_app(
         max_stale_s=settings.max_stale_s,
         jitter_pct=settings.ttl_jitter_pct,
         error_backoff_ms=settings.db_error_backoff_ms,
+        max_concurrent_loads=settings.max_concurrent_loads,
     )
     database = db.create_engine(settings)
     queries = Queries(database)
@@ -176,9 +178,16 @@ def create_app(
                 admin_token=settings.admin_token.get_secret_value(),
                 read_token=settings.read_token.get_secret_value(),
             ),
+            # Innermost: a call refused for a bad token never takes one of the slots.
+            ConcurrencyLimitInterceptor(service=SERVICE_NAME, limit=settings.max_concurrent_rpcs),
         ],
         # grpcio sets SO_REUSEPORT by default, which would let two servers share a port by accident.
-        options=[("grpc.so_reuseport", int(reuse_port)), *_KEEPALIVE_OPTIONS],
+        options=[
+            ("grpc.so_reuseport", int(reuse_port)),
+            ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
+            ("grpc.max_send_message_length", settings.max_send_message_bytes),
+            *_KEEPALIVE_OPTIONS,
+        ],
     )
     # Registered methods skip grpcio's generic lookup per call; grpc-stubs predates the API.
     server.add_registered_method_handlers(  # type: ignore[attr-defined]

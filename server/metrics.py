@@ -233,6 +233,11 @@ class _EngineCollector(Collector):
         flights.add_metric(["fill_refused"], stats.fills_refused)
         flights.add_metric(["early_refresh"], stats.early_refreshes)
         yield flights
+        yield CounterMetricFamily(
+            "cacheaside_db_loads_refused",
+            "Misses refused at once because every database load slot was taken (DATABASE_SATURATED).",
+            value=stats.loads_refused,
+        )
         store = self._engine.store
         calls = CounterMetricFamily(
             "cacheaside_redis_calls",

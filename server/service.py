@@ -23,6 +23,7 @@ from server import wire
 from server.cache import (
     CacheEngine,
     CacheUnavailable,
+    DatabaseSaturated,
     Family,
     FlightTimeout,
     LoadTimeout,
@@ -307,7 +308,14 @@ async def _within_deadline(context: grpc.aio.ServicerContext[Any, Any], work: Aw
         ) from exc
 
 
-_UNAVAILABLE_ERRORS = (ServiceError, LoadTimeout, FlightTimeout, CacheUnavailable, RecentLoadFailure)
+_UNAVAILABLE_ERRORS = (
+    ServiceError,
+    LoadTimeout,
+    FlightTimeout,
+    CacheUnavailable,
+    RecentLoadFailure,
+    DatabaseSaturated,
+)
 
 
 def _service_error(exc: Exception) -> ServiceError:
@@ -322,6 +330,12 @@ def _service_error(exc: Exception) -> ServiceError:
     if isinstance(exc, FlightTimeout):
         return DatabaseUnavailable(
             f"the shared load did not finish within {exc.timeout_s:.1f} s; retry later", reason="LOAD_TIMEOUT"
+        )
+    if isinstance(exc, DatabaseSaturated):
+        return DatabaseUnavailable(
+            f"the database is saturated: this server already runs {exc.limit} loads "
+            "(CACHEASIDE_MAX_CONCURRENT_LOADS), so this miss was refused rather than queued; retry shortly",
+            reason="DATABASE_SATURATED",
         )
     if isinstance(exc, RecentLoadFailure):
         return DatabaseUnavailable(
