@@ -20,6 +20,7 @@ from google.protobuf.message import DecodeError, Message
 
 from client.proto.cacheaside.v1 import cache_service_pb2 as pb
 from server import wire
+from server.audit import RecentReads
 from server.cache import (
     CacheEngine,
     CacheUnavailable,
@@ -90,11 +91,13 @@ class CacheService:
         warmer: Warmer,
         *,
         observer: ServiceObserver | None = None,
+        recent_reads: RecentReads | None = None,
     ) -> None:
         self._engine = engine
         self._catalog = catalog
         self._warmer = warmer
         self._observer = observer
+        self._recent_reads = recent_reads
 
     def method_handlers(self) -> dict[str, grpc.RpcMethodHandler[Any, bytes]]:
         """Every RPC of the service, by method name."""
@@ -120,12 +123,15 @@ class CacheService:
 
     def _read(self, rpc: str, plan_of: Callable[[Any], ReadPlan]) -> Handler:
         record = self._observer.read_recorder(rpc) if self._observer is not None else None
+        note = self._recent_reads.note if self._recent_reads is not None else None
 
         async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
             plan = plan_of(request)
             fetched = await _within_deadline(context, self._engine.fetch(plan.lookups))
             if record is not None:
                 record(fetched.outcome, plan.lookups[0][0].tier)
+            if note is not None:
+                note(plan.lookups)  # for the consistency audit: one append, no copy
             payloads = fetched.payloads
             if None in payloads:
                 missing = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from server.cache import Family
@@ -23,6 +24,10 @@ class Catalog:
     archived: Family
     posts_by_author: Family
     comments_by_author: Family
+
+    def families(self) -> list[Family]:
+        """Every family, in declaration order."""
+        return [getattr(self, field.name) for field in dataclasses.fields(self)]
 
 
 def build_catalog(settings: Settings, queries: Queries) -> Catalog:
