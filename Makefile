@@ -41,6 +41,7 @@ bench: install
 	@bash scripts/ensure_services.sh
 	$(BIN)/python -m benchmarks.stampede
 	$(BIN)/python -m benchmarks.invalidation_lag
+	$(BIN)/python -m benchmarks.near_coherence
 	$(BIN)/python -m benchmarks.warm_impact
 
 lint: install

@@ -17,8 +17,9 @@ from server import db, tls
 from server.audit import ConsistencyAuditor, RecentReads, loaders_by_family
 from server.auth import AuthInterceptor
 from server.cache import CacheEngine, FillNotifier, RedisStore
+from server.cache.near import NearCache
 from server.config import Settings
-from server.domain.catalog import build_catalog
+from server.domain.catalog import build_catalog, families
 from server.domain.keys import key_prefix
 from server.domain.queries import Queries
 from server.embedded_redis import EmbeddedRedis
@@ -126,20 +127,27 @@ def create_app(
         max_connections=settings.redis_max_connections,
         breaker_failures=settings.redis_breaker_failures,
         breaker_cooldown_ms=settings.redis_breaker_cooldown_ms,
+        cluster=settings.redis_cluster,
     )
     notifier = (
         FillNotifier.connect(
             redis_url,
             channel=store.channel,
-            prefix=store.prefix,
+            layout=store.layout,
             connect_timeout_ms=settings.redis_timeout_ms,
         )
         if settings.leases
         else None
     )
+    near = (
+        NearCache(max_entries=settings.near_cache_entries, ttl_s=settings.near_cache_ttl_ms / 1000)
+        if settings.near_cache_entries
+        else None
+    )
     engine = CacheEngine(
         store,
         notifier=notifier,
+        near=near,
         load_timeout_s=settings.db_timeout_ms / 1000,
         leases=settings.leases,
         lease_ttl_ms=settings.lease_ttl_ms,
@@ -153,6 +161,8 @@ def create_app(
     queries = Queries(database)
     untimed_catalog = build_catalog(settings, queries)
     catalog = metrics.timed_catalog(untimed_catalog)
+    for family in families(catalog):
+        store.layout.register(family.key_prefix, family.tags)
     metrics.watch_engine(engine)
     recent_reads, auditor = None, None
     if settings.audit_interval_s:
@@ -162,7 +172,7 @@ def create_app(
             store,
             recent_reads,
             # Untimed: the audit's queries are not loads of misses, and must not count as such.
-            loaders_by_family(untimed_catalog.families()),
+            loaders_by_family(families(untimed_catalog)),
             samples=settings.audit_samples,
             grace_s=settings.audit_grace_ms / 1000,
             longest_ttl_s=max(tiers) * (1 + settings.ttl_jitter_pct / 100),

@@ -29,7 +29,7 @@ from server.audit import AuditStats
 from server.cache import CacheEngine, Outcome
 from server.cache.breaker import BreakerState
 from server.cache.types import Loader
-from server.domain.catalog import Catalog
+from server.domain.catalog import Catalog, families
 from server.warming import WarmResult
 
 # Latency buckets from a cache hit (sub-millisecond) to a database load near its timeout.
@@ -177,8 +177,7 @@ class Metrics:
     def timed_catalog(self, catalog: Catalog) -> Catalog:
         """The same catalog, each family's loader counted and timed."""
         changes = {}
-        for field in dataclasses.fields(catalog):
-            family = getattr(catalog, field.name)
+        for field, family in zip(dataclasses.fields(catalog), families(catalog), strict=True):
             changes[field.name] = dataclasses.replace(
                 family, load=self.timed_loader(family.name, family.load)
             )

@@ -18,7 +18,8 @@ from collections.abc import Callable, Sequence
 from server.cache import envelope
 from server.cache.flights import BYPASS, LeaseFlights, Result
 from server.cache.loading import Loading, Lookup, TtlPolicy
-from server.cache.notify import FillNotifier
+from server.cache.near import NearCache
+from server.cache.notify import NEW_GENERATION, EventListener, FillNotifier
 from server.cache.store import CacheUnavailable, LeaseKind, LeaseRequest, RedisStore
 from server.cache.types import EngineHooks, EngineStats, Family, Fetched, Outcome, Resolved, combine
 
@@ -33,6 +34,7 @@ class CacheEngine:
         store: RedisStore,
         *,
         notifier: FillNotifier | None = None,
+        near: NearCache | None = None,
         load_timeout_s: float,
         leases: bool = True,
         lease_ttl_ms: int = 3000,
@@ -68,6 +70,18 @@ class CacheEngine:
         )
         self._lease_ms = lease_ttl_ms
         self._refreshing: set[str] = set()
+        # The near cache needs the events to stay coherent: without a notifier there is none.
+        self.near = near if notifier is not None else None
+        if self.near is not None and notifier is not None:
+            notifier.listen(EventListener(on_event=self._on_event, on_missed=self.near.flush))
+
+    def _on_event(self, kind: str, key: str) -> None:
+        if self.near is None:
+            return
+        if kind == NEW_GENERATION:
+            self.near.flush()
+        else:
+            self.near.drop([key])
 
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -75,6 +89,17 @@ class CacheEngine:
     async def fetch(self, pairs: Sequence[tuple[Family, str]]) -> Fetched:
         """Answer every (family, id): one MGET, then leases and one query per family for the misses."""
         lookups = [Lookup(family, item_id, family.key(item_id)) for family, item_id in pairs]
+        near = (
+            self.near
+            if self.near is not None and self.notifier and self.notifier.connected.is_set()
+            else None
+        )
+        near_version = 0
+        if near is not None:
+            near_version = near.version
+            held = self._near_hit(near, lookups)
+            if held is not None:
+                return held
         try:
             generation, raws = await self.store.mget([lookup.key for lookup in lookups])
         except CacheUnavailable:
@@ -90,6 +115,8 @@ class CacheEngine:
                 entry = None  # written before an invalidate-everything: as good as deleted
             if entry is not None and entry.is_fresh(now_ms):
                 payloads[index] = entry.payload
+                if near is not None:
+                    near.admit(lookup.key, entry, lookup.family.tags, read_at_version=near_version)
                 if self.leases and self._xfetch_due(lookup.family, entry, now_ms):
                     self._refresh_early(lookup, generation)
                 continue
@@ -121,6 +148,22 @@ class CacheEngine:
         else:
             self.stats.misses += 1
         return Fetched(payloads, outcome)
+
+    def _near_hit(self, near: NearCache, lookups: Sequence[Lookup]) -> Fetched | None:
+        # Every lookup from the near cache, or None: a partial answer would still need the MGET.
+        now_ms = self._now_ms()
+        entries = []
+        for lookup in lookups:
+            entry = near.get(lookup.key, now_ms)
+            if entry is None:
+                return None
+            entries.append(entry)
+        self.stats.hits += 1
+        near.stats.hits += 1
+        for lookup, entry in zip(lookups, entries, strict=True):
+            if self._xfetch_due(lookup.family, entry, now_ms):
+                self._refresh_early(lookup, entry.generation)
+        return Fetched([entry.payload for entry in entries], Outcome.HIT)
 
     async def _answers(self, results: dict[str, Result], stale: dict[str, bytes]) -> dict[str, Resolved]:
         # Stale-if-error: a key whose load failed answers with the expired copy read before, but only
@@ -170,14 +213,22 @@ class CacheEngine:
 
     async def invalidate(self, keys: Sequence[str], tags: Sequence[str]) -> int:
         """Delete keys, their leases, and every key in the tags, atomically. Raises CacheUnavailable."""
+        if self.near is not None:
+            self.near.drop(keys, tags)  # before: a read racing the script must not re-admit the old value
         deleted = await self.store.invalidate(keys, tags)
-        # Other processes drop their flights when the script's message reaches them; this one at once.
+        # Other processes drop their flights and near entries when the script's events reach them;
+        # this one at once.
         self._flights.forget(keys, tags)
+        if self.near is not None:
+            self.near.drop(keys, tags)
         return deleted
 
     async def invalidate_everything(self) -> int:
         """Bump the namespace generation: every entry is invalid at once, O(1). Returns the new one."""
-        return await self.store.bump_generation()
+        generation = await self.store.bump_generation()
+        if self.near is not None:
+            self.near.flush()
+        return generation
 
     async def drain(self) -> None:
         """Wait for background loads and early refreshes under way to finish."""

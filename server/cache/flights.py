@@ -20,7 +20,7 @@ from typing import Any
 
 from server.cache import envelope
 from server.cache.loading import Loading, Lookup, TtlPolicy
-from server.cache.notify import FillNotifier
+from server.cache.notify import INVALIDATED, EventListener, FillNotifier
 from server.cache.store import CacheUnavailable, LeaseKind, LeaseRequest, LeaseResult, RedisStore
 from server.cache.types import (
     DatabaseSaturated,
@@ -76,7 +76,15 @@ class LeaseFlights:
         self._flights: dict[tuple[str, int], _Entry] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         if notifier is not None:
-            notifier.on_invalidated = lambda key: self.forget([key], ())
+            notifier.listen(EventListener(on_event=self._on_event, on_missed=self._on_missed))
+
+    def _on_event(self, kind: str, key: str) -> None:
+        if kind == INVALIDATED:
+            self.forget([key], ())
+
+    def _on_missed(self) -> None:
+        # An invalidation may have been among the missed events: no flight under way may be joined.
+        self._flights.clear()
 
     def in_flight(self, key: str, generation: int) -> bool:
         """Whether this process is already resolving key in this generation."""

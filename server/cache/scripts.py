@@ -7,7 +7,19 @@ and lease together, so a load that began before an invalidation can never write 
 
 from __future__ import annotations
 
-LEASE_SUFFIX = ":lease"
+from server.cache.layout import LEASE_SUFFIX
+
+__all__ = ["BUMP_GENERATION", "ERROR_MARK", "FILL", "INVALIDATE", "LEASE", "LEASE_SUFFIX", "RELEASE"]
+
+# Every change a process must hear of (a fill, a released lease, an invalidated key, a new generation)
+# is published on one channel as "<counter> <seq> <kind> <key>". seq comes from a counter in the
+# script's own slot (one counter on a single Redis), so a subscriber that sees a gap in a counter's
+# numbers knows it missed something and flushes what it holds (the near cache).
+_EVENT = """
+local function event(channel, counter, kind, key)
+  redis.call('PUBLISH', channel, counter .. ' ' .. redis.call('INCR', counter) .. ' ' .. kind .. ' ' .. key)
+end
+"""
 ERROR_MARK = "!error"  # a lease value: the last load failed; callers back off until it expires
 
 # The envelope header (see envelope.py), 1-based in Lua: generation is the big-endian u32 at bytes
@@ -68,15 +80,17 @@ return replies
 """
 )
 
-# Many fills in one call. KEYS, per fill: value key, lease key, then its tag sets. ARGV[1]: the fill
-# channel; then per fill: token ('' writes without a lease: the plain baseline), value, TTL ms,
-# number of tags. A fill with a token writes only if the lease still holds that token. Replies 1 or
-# 0 per fill.
-FILL = """
-local channel = ARGV[1]
+# Many fills in one call. KEYS, per fill: value key, lease key, then its tag sets. ARGV[1]: the event
+# channel, ARGV[2]: the event counter; then per fill: token ('' writes without a lease: the plain
+# baseline), value, TTL ms, number of tags. A fill with a token writes only if the lease still holds
+# that token. Replies 1 or 0 per fill.
+FILL = (
+    _EVENT
+    + """
+local channel, events = ARGV[1], ARGV[2]
 local written = {}
 local k = 1
-for a = 2, #ARGV, 4 do
+for a = 3, #ARGV, 4 do
   local token, value, ttl, tags = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
   local key, lease = KEYS[k], KEYS[k + 1]
   local ok = 1
@@ -87,22 +101,22 @@ for a = 2, #ARGV, 4 do
       redis.call('SADD', KEYS[i], key)
       if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
     end
-    if token ~= '' then
-      redis.call('DEL', lease)
-      redis.call('PUBLISH', channel, key)
-    end
+    if token ~= '' then redis.call('DEL', lease) end
+    event(channel, events, 'f', key)
   end
   written[#written + 1] = ok
   k = k + 2 + tags
 end
 return written
 """
+)
 
 # KEYS[1]: lease key. ARGV[1]: token, ARGV[2]: error ms (0: just release), ARGV[3]: channel,
-# ARGV[4]: value key. A failed load leaves an error mark so other callers do not pile onto a
-# database that just failed; waiters are woken either way.
+# ARGV[4]: value key, ARGV[5]: event counter. A failed load leaves an error mark so other callers do
+# not pile onto a database that just failed; waiters are woken either way.
 RELEASE = (
-    """
+    _EVENT
+    + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 if tonumber(ARGV[2]) > 0 then
   redis.call('SET', KEYS[1], '"""
@@ -111,22 +125,25 @@ if tonumber(ARGV[2]) > 0 then
 else
   redis.call('DEL', KEYS[1])
 end
-redis.call('PUBLISH', ARGV[3], ARGV[4])
+event(ARGV[3], ARGV[5], 'r', ARGV[4])
 return 1
 """
 )
 
 # KEYS[1..n]: keys; KEYS[n+1..]: tag sets whose members go too. ARGV[1]: n, ARGV[2]: lease suffix,
-# ARGV[3]: fill channel. Deletes values and their leases (voiding loads in flight, whose waiters
-# are woken to load again). Returns how many values existed. One script: one request's
-# invalidation is atomic.
-INVALIDATE = """
+# ARGV[3]: event channel, ARGV[4]: event counter. Deletes values and their leases (voiding loads in
+# flight, whose waiters are woken to load again) and tells every process, whose near caches drop
+# the key. Returns how many values existed. One script: one request's invalidation is atomic.
+INVALIDATE = (
+    _EVENT
+    + """
 local n = tonumber(ARGV[1])
 local suffix = ARGV[2]
 local deleted = 0
 local function drop(key)
   deleted = deleted + redis.call('DEL', key)
-  if redis.call('DEL', key .. suffix) == 1 then redis.call('PUBLISH', ARGV[3], '!' .. key) end
+  redis.call('DEL', key .. suffix)
+  event(ARGV[3], ARGV[4], 'i', key)
 end
 for i = 1, n do drop(KEYS[i]) end
 for i = n + 1, #KEYS do
@@ -135,3 +152,15 @@ for i = n + 1, #KEYS do
 end
 return deleted
 """
+)
+
+# KEYS[1]: the generation key. ARGV[1]: event channel, ARGV[2]: event counter. Invalidates
+# everything at once; near caches flush.
+BUMP_GENERATION = (
+    _EVENT
+    + """
+local generation = redis.call('INCR', KEYS[1])
+event(ARGV[1], ARGV[2], 'g', '')
+return generation
+"""
+)

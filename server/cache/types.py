@@ -72,6 +72,7 @@ class Family:
     load: Loader
     tags: tuple[str, ...] = ()
     xfetch_beta: float = 1.0
+    key_prefix: str = ""  # what every key of the family starts with: where the layout puts them
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,9 +25,10 @@ class Catalog:
     posts_by_author: Family
     comments_by_author: Family
 
-    def families(self) -> list[Family]:
-        """Every family, in declaration order."""
-        return [getattr(self, field.name) for field in dataclasses.fields(self)]
+
+def families(catalog: Catalog) -> list[Family]:
+    """Every family of the catalog."""
+    return [getattr(catalog, field.name) for field in dataclasses.fields(catalog)]
 
 
 def build_catalog(settings: Settings, queries: Queries) -> Catalog:
@@ -43,6 +44,7 @@ def build_catalog(settings: Settings, queries: Queries) -> Catalog:
             load=load,
             tags=tags,
             xfetch_beta=settings.xfetch_beta(tier),
+            key_prefix=prefix,
         )
 
     lists = (keys.POST_LISTS_TAG,)
