@@ -81,6 +81,14 @@ class Settings(BaseSettings):
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_client_ca_file: str = ""
+    # Bounds and the consistency audit (the README's "Bounded and audited" section explains each).
+    max_receive_message_bytes: int = Field(default=1_048_576, ge=1024)
+    max_send_message_bytes: int = Field(default=4_194_304, ge=1024)
+    max_concurrent_rpcs: int = Field(default=1000, ge=0)
+    max_concurrent_loads: int = Field(default=10, ge=0)
+    audit_interval_s: float = Field(default=60, ge=0)
+    audit_samples: int = Field(default=10, gt=0, le=1000)
+    audit_grace_ms: int = Field(default=1000, ge=0)
 
     @model_validator(mode="after")
     def _lease_outlives_a_load(self) -> Settings:

@@ -42,6 +42,7 @@ class CacheEngine:
         max_stale_s: int = 0,
         jitter_pct: float = 0.0,
         error_backoff_ms: int = 1000,
+        max_concurrent_loads: int = 0,
     ) -> None:
         self.store = store
         self.notifier = notifier
@@ -51,7 +52,9 @@ class CacheEngine:
         self.clock: Callable[[], float] = time.time
         self.random: Callable[[], float] = random.random
         self.leases = leases
-        self._loading = Loading(self.stats, self.hooks, timeout_s=load_timeout_s)
+        self._loading = Loading(
+            self.stats, self.hooks, timeout_s=load_timeout_s, max_concurrent=max_concurrent_loads
+        )
         self._ttl = TtlPolicy(
             negative_ttl_ms=negative_ttl_s * 1000, max_stale_ms=max_stale_s * 1000, jitter=jitter_pct / 100
         )
@@ -183,15 +186,19 @@ class CacheEngine:
                 raise result
         return answers
 
-    async def refresh(self, family: Family, ids: Sequence[str]) -> int:
+    async def refresh(self, family: Family, ids: Sequence[str], *, wait_for_slot: bool = False) -> int:
         """Reload ids and write them under fresh leases (warming); returns how many were written.
 
-        Keys whose lease another caller holds are left to that caller's fill. Raises CacheUnavailable.
+        Keys whose lease another caller holds are left to that caller's fill. Raises CacheUnavailable,
+        and DatabaseSaturated when every load slot is taken, unless wait_for_slot says to wait for one.
         """
         lookups = [Lookup(family, item_id, family.key(item_id)) for item_id in ids]
+        if wait_for_slot:
+            # Before taking leases: live readers of these keys must not wait on a lease while we queue.
+            await self._loading.slots.wait_for_room(1)
         generation = await self.store.generation()
         if not self.leases:
-            results = await self._plain(lookups, generation)
+            results = await self._plain(lookups, generation, wait_for_slot=wait_for_slot)
             return sum(1 for result in results.values() if not isinstance(result, BaseException))
         tokens = {lookup.key: secrets.token_hex(8) for lookup in lookups}
         requests = [LeaseRequest(lk.key, tokens[lk.key], family.tags, force=True) for lk in lookups]
@@ -199,7 +206,9 @@ class CacheEngine:
             requests, lease_ms=self._lease_ms, now_ms=self._now_ms(), generation=generation
         )
         granted = [lk for lk, lease in zip(lookups, leases, strict=True) if lease.kind is LeaseKind.GRANTED]
-        _, written = await self._flights.load_and_fill(granted, tokens, generation)
+        _, written = await self._flights.load_and_fill(
+            granted, tokens, generation, wait_for_slot=wait_for_slot
+        )
         return written
 
     async def invalidate(self, keys: Sequence[str], tags: Sequence[str]) -> int:
@@ -252,10 +261,12 @@ class CacheEngine:
         finally:
             self._refreshing.discard(lookup.key)
 
-    async def _plain(self, lookups: Sequence[Lookup], generation: int) -> dict[str, Result]:
+    async def _plain(
+        self, lookups: Sequence[Lookup], generation: int, *, wait_for_slot: bool = False
+    ) -> dict[str, Result]:
         # Leases off: the seed's plain cache-aside, every miss loads. The benchmarks' baseline.
         try:
-            loaded, load_ms = await self._loading.load(lookups)
+            loaded, load_ms = await self._loading.load(lookups, wait_for_slot=wait_for_slot)
         except Exception as exc:
             return {lookup.key: exc for lookup in lookups}
         now_ms = self._now_ms()

@@ -22,7 +22,14 @@ from server.cache import envelope
 from server.cache.loading import Loading, Lookup, TtlPolicy
 from server.cache.notify import INVALIDATED, EventListener, FillNotifier
 from server.cache.store import CacheUnavailable, LeaseKind, LeaseRequest, LeaseResult, RedisStore
-from server.cache.types import EngineStats, FlightTimeout, Outcome, RecentLoadFailure, Resolved
+from server.cache.types import (
+    DatabaseSaturated,
+    EngineStats,
+    FlightTimeout,
+    Outcome,
+    RecentLoadFailure,
+    Resolved,
+)
 
 _LOGGER = logging.getLogger(__name__)
 _FIRST_WAIT_S = 0.02
@@ -125,14 +132,23 @@ class LeaseFlights:
             del self._flights[flight_key]
 
     async def load_and_fill(
-        self, lookups: Sequence[Lookup], tokens: dict[str, str], generation: int
+        self,
+        lookups: Sequence[Lookup],
+        tokens: dict[str, str],
+        generation: int,
+        *,
+        wait_for_slot: bool = False,
     ) -> tuple[dict[str, Resolved], int]:
         """Load keys whose leases we hold and fill them under their tokens; returns answers, fills written."""
         if not lookups:
             return {}, 0
         held = [(lookup.key, tokens[lookup.key]) for lookup in lookups]
         try:
-            loaded, load_ms = await self._loading.load(lookups)
+            loaded, load_ms = await self._loading.load(lookups, wait_for_slot=wait_for_slot)
+        except DatabaseSaturated:
+            # This process is busy, not the key's load failing: no error mark, another instance may load it.
+            await self._release_quietly(held, error_ms=0)
+            raise
         except Exception:
             await self._release_quietly(held, error_ms=self._error_backoff_ms)
             raise
