@@ -25,7 +25,7 @@ from client.proto.cacheaside.v1 import cache_service_pb2 as pb
 from server import wire
 from server.app import run
 from server.cache import envelope
-from server.cache.store import GENERATION_KEY
+from server.cache.layout import KeyLayout
 from server.domain.keys import POST, key_prefix
 
 SERVICE = "cacheaside.v1.CacheService"
@@ -42,11 +42,12 @@ async def _noop(_request: bytes, _context: Any) -> bytes:
 class _RedisHandlers:
     def __init__(self, client: aioredis.Redis, prefix: str) -> None:
         self._redis = client
-        self._generation = prefix + GENERATION_KEY
-        self._posts = prefix + POST
+        self._layout = KeyLayout(prefix, cluster=False)
 
     async def _payloads(self, ids: list[str], context: Any) -> list[bytes]:
-        values = await self._redis.mget([self._generation, *(self._posts + post_id for post_id in ids)])
+        values = await self._redis.mget(
+            [self._layout.generation(), *(self._layout.value(POST + post_id) for post_id in ids)]
+        )
         payloads = []
         for raw in values[1:]:
             entry = envelope.unpack(raw) if isinstance(raw, bytes) else None

@@ -7,7 +7,8 @@ just enough HTTP/2 over cleartext (RFC 9113, prior knowledge): the request heade
 responses are read at the frame level only, never decoding headers. So it costs a few microseconds
 per call, far below a Python gRPC server's, and the suite checks that against the no-op server.
 
-A call counts as answered with a message when its stream carried DATA before the trailers; the gRPC
+A call counts as answered when its stream carried a message (DATA) before the trailers, as failed
+when it ended without one (a gRPC error) or was reset; req/s counts answered calls only. The gRPC
 status itself is checked on the server's counters. Prints one JSON object on stdout.
 
     python -m benchmarks.keyed_load --target 127.0.0.1:50051 --bodies bodies.bin --duration 5
@@ -220,13 +221,13 @@ async def run(
     elapsed = time.monotonic() - started
     latencies = sorted(shared.latencies_us)
     count = len(latencies)
+    answered = shared.with_message
     return {
-        "requests": count,
-        "with_message": shared.with_message,
-        "without_message": shared.without_message,
-        "reset": shared.reset,
+        "calls": count,
+        "requests": answered,  # answered with a message; refusals are not served calls
+        "failed": shared.without_message + shared.reset,
         "seconds": elapsed,
-        "req_per_s": count / elapsed,
+        "req_per_s": answered / elapsed,
         "p50_ms": percentile(latencies, 50) / 1000,
         "p99_ms": percentile(latencies, 99) / 1000,
         "distinct_bodies_sent": min(shared.next, len(bodies)),

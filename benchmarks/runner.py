@@ -48,7 +48,6 @@ def _keyed(server: RunningServer, scenario: Scenario, bodies: Path, shape: LoadS
     ]  # fmt: skip
     output = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=shape.duration_s + 60)
     result: dict[str, Any] = json.loads(output.stdout)
-    result["failed"] = result["without_message"]
     return result
 
 

@@ -58,7 +58,8 @@ _BATCH = pb.BatchGetPostsRequest(post_ids=BATCH_IDS).SerializeToString()
 def scenarios() -> list[Scenario]:
     """Every scenario, in the order of one round."""
     return [
-        Scenario("hit", "aio", "GetPost, warmed key", body=_HIT),
+        Scenario("hit", "aio", "GetPost, warmed key (near cache)", body=_HIT),
+        Scenario("hit-redis", "aio-l2", "GetPost, warmed key, near cache off", body=_HIT),
         Scenario("miss", "aio", "GetPost, a new key each call", keyed="miss", prepare="miss"),
         Scenario(
             "zipf", "aio", f"GetPost, Zipf s={ZIPF_S}, top {WARM_KEYS} warmed", keyed="zipf", prepare="zipf"
@@ -116,13 +117,16 @@ def scenarios() -> list[Scenario]:
 def server_specs(env: Mapping[str, str], run_id: str, down_redis_url: str) -> dict[str, ServerSpec]:
     """Every server configuration; `env` holds the database, Redis and warming settings."""
 
-    def aio(name: str, *, loop: str = "asyncio", cpus: str = SERVER_CPU, workers: int = 1) -> ServerSpec:
+    def aio(
+        name: str, *, loop: str = "asyncio", cpus: str = SERVER_CPU, workers: int = 1, **more: str
+    ) -> ServerSpec:
         own = {**env, "CACHEASIDE_KEY_PREFIX": f"bench-{run_id}-{name}", "CACHEASIDE_EVENT_LOOP": loop}
-        return product(name, own, cpus=cpus, workers=workers)
+        return product(name, own | more, cpus=cpus, workers=workers)
 
     sync_args = ("--redis-url", env["CACHEASIDE_REDIS_URL"], "--key-prefix", f"bench-{run_id}-aio")
     specs = [
         aio("aio"),
+        aio("aio-l2", CACHEASIDE_NEAR_CACHE_ENTRIES="0"),  # every hit reads Redis
         aio("aio-uvloop", loop="uvloop"),
         product(
             "aio-redis-down",

@@ -82,7 +82,8 @@ class RunningServer:
         ports = [self.port, *self.metrics_ports]
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                raise RuntimeError(f"{self.spec.name} exited with {self._process.returncode}: see {self.log}")
+                tail = self.log.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"{self.spec.name} exited with {self._process.returncode}:\n{tail}")
             if all(_accepts(port) for port in ports):
                 return
             time.sleep(0.1)

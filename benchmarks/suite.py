@@ -4,7 +4,7 @@ Seeds 100,000 posts, starts every server configuration once (the product as it s
 core 1; the bench-only no-op and sync servers likewise), then runs the scenarios round after round,
 so drift on this shared machine spreads over all of them; the load generator runs on core 0. Prints
 the machine, the table (medians, min-max) and the ratios; writes suite.json and suite.png to
-benchmarks/results/. Then the hot-key stampede and the warm-impact scenarios run as before.
+benchmarks/results/. Then the scenarios with tables of their own run (OTHERS), each as before.
 
     python -m benchmarks.suite [--duration 5] [--rounds 3] [--scenarios hit,miss]
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import os
 import shutil
@@ -41,6 +42,13 @@ from server.embedded_redis import EmbeddedRedis
 from server.seed import SeedCounts, seed
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# The scenarios with tables of their own, run after the throughput rounds: (name, module with main).
+OTHERS = (
+    ("hot-key stampede", "benchmarks.stampede"),
+    ("invalidation lag", "benchmarks.invalidation_lag"),
+    ("near-cache coherence", "benchmarks.near_coherence"),
+    ("warm impact", "benchmarks.warm_impact"),
+)
 
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -52,8 +60,7 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--posts", type=int, default=100_000, help="posts seeded (the Zipf key space)")
     parser.add_argument("--scenarios", default="", help="comma-separated names (default: all)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
-    parser.add_argument("--skip-stampede", action="store_true")
-    parser.add_argument("--skip-warm-impact", action="store_true")
+    parser.add_argument("--skip-others", action="store_true", help="only the throughput scenarios")
     return parser.parse_args(argv)
 
 
@@ -195,14 +202,10 @@ async def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     _write(result, chosen, summary, args.results_dir)  # kept even if a scenario below fails
     _print(result, chosen, summary)
-    if not args.skip_stampede:
-        from benchmarks import stampede
-
-        result["stampede"] = await _guarded("stampede", stampede.main([]))
-    if not args.skip_warm_impact:
-        from benchmarks import warm_impact
-
-        result["warm_impact"] = await _guarded("warm impact", warm_impact.main([]))
+    if not args.skip_others:
+        for name, module_name in OTHERS:
+            scenario = importlib.import_module(module_name)
+            result[module_name.rsplit(".", 1)[1]] = await _guarded(name, scenario.main([]))
     _print_others(result)
     _write(result, chosen, summary, args.results_dir)
     return result
@@ -235,7 +238,7 @@ def _print(result: dict[str, Any], chosen: list[Scenario], summary: dict[str, An
     print(report.table(chosen, summary))
     print(report.ratio_lines(result["ratios"]))
     for problem in report.problems(summary, in_flight=load["connections"] * load["streams_per_connection"]):
-        print("WARNING:", problem)
+        print("failed calls:", problem)
 
 
 def _print_others(result: dict[str, Any]) -> None:
@@ -246,6 +249,12 @@ def _print_others(result: dict[str, Any]) -> None:
             f"- hot-key stampede: {loads['leases']['median']:g} database loads per expiry with leases, "
             f"{loads['no leases']['median']:g} without"
         )
+    for key, what in (
+        ("invalidation_lag", "commit-to-invalidation lag"),
+        ("near_coherence", "near-cache delay"),
+    ):
+        if "p99_ms" in result.get(key, {}):
+            print(f"- {what}: p50 {result[key]['p50_ms']:.1f} ms, p99 {result[key]['p99_ms']:.1f} ms")
     warm = result.get("warm_impact", {})
     if "ratio_p99_warm_to_no_warm" in warm:
         ratio = warm["ratio_p99_warm_to_no_warm"]

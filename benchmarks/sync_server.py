@@ -26,18 +26,19 @@ from benchmarks.aio_server import RESPONSE, SERVICE
 from client.proto.cacheaside.v1 import cache_service_pb2 as pb
 from server import wire
 from server.cache import envelope
-from server.cache.store import GENERATION_KEY
+from server.cache.layout import KeyLayout
 from server.domain.keys import POST, key_prefix
 
 
 class _Handlers:
     def __init__(self, client: redis.Redis, prefix: str) -> None:
         self._redis = client
-        self._generation = prefix + GENERATION_KEY
-        self._posts = prefix + POST
+        self._layout = KeyLayout(prefix, cluster=False)
 
     def _payloads(self, ids: list[str], context: Any) -> list[bytes]:
-        values = self._redis.mget([self._generation, *(self._posts + post_id for post_id in ids)])
+        values = self._redis.mget(
+            [self._layout.generation(), *(self._layout.value(POST + post_id) for post_id in ids)]
+        )
         payloads = []
         for raw in values[1:]:
             entry = envelope.unpack(raw) if isinstance(raw, bytes) else None

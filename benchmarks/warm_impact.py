@@ -2,8 +2,9 @@
 
 One server process over PostgreSQL (or SQLite) and Redis. An open-loop reader sends cache hits on an
 already cached working set at a fixed rate (a third of what this server does flat out), whether or
-not earlier ones have answered, as live traffic would; latency is measured at the client. Phases alternate (no warm, warm, no warm, warm) and each warm phase lasts
-as long as the warm does. Prints p50 and p99 per phase and the ratio of the p99s; target <= 1.2.
+not earlier ones have answered, as live traffic would; latency is measured at the client. Phases
+alternate (warm, no warm, warm, no warm) and each quiet phase lasts as long as the warm before it.
+Prints p50 and p99 per phase and the ratio of the p99s; target <= 1.2.
 """
 
 from __future__ import annotations
@@ -145,15 +146,12 @@ async def main(argv: list[str] | None = None) -> dict[str, Any]:
         "p99_ms_warm": warm_p99,
         "ratio_p99_warm_to_no_warm": warm_p99 / quiet_p99,
     }
-    print(
-        f"live reads during a warm of {args.warm_keys} keys ({args.read_rate:g} reads/s, {report['database']})"
-    )
+    print(f"live reads during a warm of {args.warm_keys} keys ({args.read_rate:g}/s, {report['database']})")
     print(f"{'phase':<8} {'seconds':>8} {'reads':>8} {'p50 ms':>8} {'p99 ms':>8}")
     for phase in phases:
         name = "warm" if phase["warm_keys"] else "no warm"
-        print(
-            f"{name:<8} {phase['seconds']:>8.1f} {phase['reads']:>8} {phase['p50_ms']:>8.2f} {phase['p99_ms']:>8.2f}"
-        )
+        seconds, reads, p50, p99 = phase["seconds"], phase["reads"], phase["p50_ms"], phase["p99_ms"]
+        print(f"{name:<8} {seconds:>8.1f} {reads:>8} {p50:>8.2f} {p99:>8.2f}")
     ratio = report["ratio_p99_warm_to_no_warm"]
     print(
         f"ratio: p99 during warm / p99 without = {ratio:.2f} (median of {args.rounds} rounds; target <= 1.20)"

@@ -16,15 +16,18 @@ from grpc_reflection.v1alpha import reflection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from server import db, tls
+from server.audit import ConsistencyAuditor, RecentReads, loaders_by_family
 from server.auth import AuthInterceptor
 from server.cache import CacheEngine, FillNotifier, RedisStore
+from server.cache.near import NearCache
 from server.config import Settings
-from server.domain.catalog import build_catalog
+from server.domain.catalog import build_catalog, families
 from server.domain.keys import key_prefix
 from server.domain.queries import Queries
 from server.embedded_redis import EmbeddedRedis
 from server.health import HealthChecker
 from server.invalidator import OutboxInvalidator
+from server.limits import ConcurrencyLimitInterceptor
 from server.metrics import Metrics, MetricsServer
 from server.observability import ObservabilityInterceptor
 from server.service import SERVICE_NAME, CacheService
@@ -56,6 +59,7 @@ class App:
     metrics: Metrics
     metrics_server: MetricsServer | None = None
     invalidator: OutboxInvalidator | None = None
+    auditor: ConsistencyAuditor | None = None
     startup_warm: asyncio.Task[None] | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -77,6 +81,8 @@ class App:
             # In the background: the port is open and serving while warming runs.
             self.startup_warm = asyncio.create_task(self.warmer.warm_logged())
             self._tasks.append(self.startup_warm)
+        if self.auditor is not None:
+            self._tasks.append(asyncio.create_task(self.auditor.run_every(self.settings.audit_interval_s)))
         if self.settings.warm_interval_s:
             self._tasks.append(asyncio.create_task(self.warmer.run_every(self.settings.warm_interval_s)))
 
@@ -124,20 +130,27 @@ def create_app(
         max_connections=settings.redis_max_connections,
         breaker_failures=settings.redis_breaker_failures,
         breaker_cooldown_ms=settings.redis_breaker_cooldown_ms,
+        cluster=settings.redis_cluster,
     )
     notifier = (
         FillNotifier.connect(
             redis_url,
             channel=store.channel,
-            prefix=store.prefix,
+            layout=store.layout,
             connect_timeout_ms=settings.redis_timeout_ms,
         )
         if settings.leases
         else None
     )
+    near = (
+        NearCache(max_entries=settings.near_cache_entries, ttl_s=settings.near_cache_ttl_ms / 1000)
+        if settings.near_cache_entries
+        else None
+    )
     engine = CacheEngine(
         store,
         notifier=notifier,
+        near=near,
         load_timeout_s=settings.db_timeout_ms / 1000,
         leases=settings.leases,
         lease_ttl_ms=settings.lease_ttl_ms,
@@ -145,11 +158,30 @@ def create_app(
         max_stale_s=settings.max_stale_s,
         jitter_pct=settings.ttl_jitter_pct,
         error_backoff_ms=settings.db_error_backoff_ms,
+        max_concurrent_loads=settings.max_concurrent_loads,
     )
     database = db.create_engine(settings)
     queries = Queries(database)
-    catalog = metrics.timed_catalog(build_catalog(settings, queries))
+    untimed_catalog = build_catalog(settings, queries)
+    catalog = metrics.timed_catalog(untimed_catalog)
+    for family in families(catalog):
+        store.layout.register(family.key_prefix, family.tags)
     metrics.watch_engine(engine)
+    recent_reads, auditor = None, None
+    if settings.audit_interval_s:
+        recent_reads = RecentReads()
+        tiers = (settings.ttl_hot_s, settings.ttl_warm_s, settings.ttl_cold_s)
+        auditor = ConsistencyAuditor(
+            store,
+            recent_reads,
+            # Untimed: the audit's queries are not loads of misses, and must not count as such.
+            loaders_by_family(families(untimed_catalog)),
+            samples=settings.audit_samples,
+            grace_s=settings.audit_grace_ms / 1000,
+            longest_ttl_s=max(tiers) * (1 + settings.ttl_jitter_pct / 100),
+            load_timeout_s=settings.db_timeout_ms / 1000,
+        )
+        metrics.watch_audit(auditor.stats)
     warmer = Warmer(
         engine,
         catalog,
@@ -179,13 +211,21 @@ def create_app(
                 admin_token=settings.admin_token.get_secret_value(),
                 read_token=settings.read_token.get_secret_value(),
             ),
+            # Innermost: a call refused for a bad token never takes one of the slots.
+            ConcurrencyLimitInterceptor(service=SERVICE_NAME, limit=settings.max_concurrent_rpcs),
         ],
         # grpcio sets SO_REUSEPORT by default, which would let two servers share a port by accident.
-        options=[("grpc.so_reuseport", int(reuse_port)), *_KEEPALIVE_OPTIONS],
+        options=[
+            ("grpc.so_reuseport", int(reuse_port)),
+            ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
+            ("grpc.max_send_message_length", settings.max_send_message_bytes),
+            *_KEEPALIVE_OPTIONS,
+        ],
     )
     # Registered methods skip grpcio's generic lookup per call; grpc-stubs predates the API.
     server.add_registered_method_handlers(  # type: ignore[attr-defined]
-        SERVICE_NAME, CacheService(engine, catalog, warmer, observer=metrics).method_handlers()
+        SERVICE_NAME,
+        CacheService(engine, catalog, warmer, observer=metrics, recent_reads=recent_reads).method_handlers(),
     )
     health_pb2_grpc.add_HealthServicer_to_server(checker.servicer, server)
     if settings.reflection:
@@ -221,6 +261,7 @@ def create_app(
         health=checker,
         metrics=metrics,
         invalidator=invalidator,
+        auditor=auditor,
     )
 
 

@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=10, gt=0)
     redis_url: str = ""
     redis_timeout_ms: int = Field(default=100, gt=0)
+    redis_cluster: bool = False
     redis_max_connections: int = Field(default=64, gt=0)
     redis_breaker_failures: int = Field(default=3, gt=0)
     redis_breaker_cooldown_ms: int = Field(default=1000, gt=0)
@@ -54,6 +55,8 @@ class Settings(BaseSettings):
     xfetch_beta_hot: float = Field(default=1.0, ge=0)
     xfetch_beta_warm: float = Field(default=1.0, ge=0)
     xfetch_beta_cold: float = Field(default=1.0, ge=0)
+    near_cache_entries: int = Field(default=10_000, ge=0)
+    near_cache_ttl_ms: int = Field(default=1000, gt=0)
     auto_invalidate: bool = True
     outbox_poll_ms: int = Field(default=1000, gt=0)
     outbox_batch: int = Field(default=500, gt=0)
@@ -79,6 +82,14 @@ class Settings(BaseSettings):
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_client_ca_file: str = ""
+    # Bounds and the consistency audit (the README's "Bounded and audited" section explains each).
+    max_receive_message_bytes: int = Field(default=1_048_576, ge=1024)
+    max_send_message_bytes: int = Field(default=4_194_304, ge=1024)
+    max_concurrent_rpcs: int = Field(default=1000, ge=0)
+    max_concurrent_loads: int = Field(default=10, ge=0)
+    audit_interval_s: float = Field(default=60, ge=0)
+    audit_samples: int = Field(default=10, gt=0, le=1000)
+    audit_grace_ms: int = Field(default=1000, ge=0)
 
     @model_validator(mode="after")
     def _lease_outlives_a_load(self) -> Settings:

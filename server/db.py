@@ -28,21 +28,16 @@ def create_engine(settings: Settings) -> AsyncEngine:
     """An async engine for CACHEASIDE_DATABASE_URL, pooled and bounded by the settings."""
     url = settings.database_url
     timeout_s = settings.db_timeout_ms / 1000
+    # A fixed pool: a burst waits at most the timeout for a connection, and never opens more.
+    pool: dict[str, Any] = {"pool_size": settings.db_pool_size, "max_overflow": 0, "pool_timeout": timeout_s}
     if is_sqlite(url):
-        engine = create_async_engine(url, connect_args={"timeout": timeout_s})
+        engine = create_async_engine(url, connect_args={"timeout": timeout_s}, **pool)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
     connect_args: dict[str, Any] = {"timeout": timeout_s, "command_timeout": timeout_s}
     if settings.database_schema:
         connect_args["server_settings"] = {"search_path": _checked_schema(settings.database_schema)}
-    return create_async_engine(
-        url,
-        connect_args=connect_args,
-        pool_size=settings.db_pool_size,
-        max_overflow=0,
-        pool_timeout=timeout_s,
-        pool_pre_ping=True,
-    )
+    return create_async_engine(url, connect_args=connect_args, pool_pre_ping=True, **pool)
 
 
 def asyncpg_dsn(url: str) -> str:
@@ -74,7 +69,13 @@ def database_errors() -> Iterator[None]:
             "the database schema is missing or outdated; run `cacheaside db upgrade`",
             reason="DATABASE_SCHEMA_MISSING",
         ) from exc
-    except (OperationalError, InterfaceError, PoolTimeout, OSError) as exc:
+    except PoolTimeout as exc:
+        raise DatabaseUnavailable(
+            "every database connection of this server stayed busy past the timeout "
+            "(CACHEASIDE_DB_POOL_SIZE, CACHEASIDE_DB_TIMEOUT_MS); retry later",
+            reason="DATABASE_POOL_EXHAUSTED",
+        ) from exc
+    except (OperationalError, InterfaceError, OSError) as exc:
         raise DatabaseUnavailable(f"the database is unreachable: {_first_line(exc)}") from exc
     except DBAPIError as exc:
         if exc.connection_invalidated:

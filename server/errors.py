@@ -59,6 +59,13 @@ class CacheUnavailableForWrite(ServiceError):
     default_reason = "CACHE_UNAVAILABLE"
 
 
+class Overloaded(ServiceError):
+    """The server is already handling as many calls as it may; retrying with backoff may succeed."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    default_reason = "CONCURRENCY_LIMIT"
+
+
 class Unauthenticated(ServiceError):
     """The call needs a bearer token it did not carry, or carried one that is not valid for it."""
 

@@ -25,10 +25,11 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from server.audit import AuditStats
 from server.cache import CacheEngine, Outcome
 from server.cache.breaker import BreakerState
 from server.cache.types import Loader
-from server.domain.catalog import Catalog
+from server.domain.catalog import Catalog, families
 from server.warming import WarmResult
 
 # Latency buckets from a cache hit (sub-millisecond) to a database load near its timeout.
@@ -121,6 +122,10 @@ class Metrics:
         """Report the engine's own counters (fetches, Redis calls, breaker) at every scrape."""
         self.registry.register(_EngineCollector(engine))
 
+    def watch_audit(self, stats: AuditStats) -> None:
+        """Report the consistency audit's findings at every scrape."""
+        self.registry.register(_AuditCollector(stats))
+
     def read_recorder(self, rpc: str) -> ReadRecorder:
         """A function recording one read of `rpc`: resolves its label children once per combination."""
         children: dict[tuple[Outcome, str], Callable[[], None]] = {}
@@ -172,8 +177,7 @@ class Metrics:
     def timed_catalog(self, catalog: Catalog) -> Catalog:
         """The same catalog, each family's loader counted and timed."""
         changes = {}
-        for field in dataclasses.fields(catalog):
-            family = getattr(catalog, field.name)
+        for field, family in zip(dataclasses.fields(catalog), families(catalog), strict=True):
             changes[field.name] = dataclasses.replace(
                 family, load=self.timed_loader(family.name, family.load)
             )
@@ -233,6 +237,11 @@ class _EngineCollector(Collector):
         flights.add_metric(["fill_refused"], stats.fills_refused)
         flights.add_metric(["early_refresh"], stats.early_refreshes)
         yield flights
+        yield CounterMetricFamily(
+            "cacheaside_db_loads_refused",
+            "Misses refused at once because every database load slot was taken (DATABASE_SATURATED).",
+            value=stats.loads_refused,
+        )
         store = self._engine.store
         calls = CounterMetricFamily(
             "cacheaside_redis_calls",
@@ -252,4 +261,32 @@ class _EngineCollector(Collector):
             "cacheaside_redis_breaker_opened",
             "How many times the Redis circuit breaker opened.",
             value=store.breaker.opened_count,
+        )
+
+
+class _AuditCollector(Collector):
+    def __init__(self, stats: AuditStats) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        stats = self._stats
+        yield CounterMetricFamily(
+            "cacheaside_audit_sampled",
+            "Fresh cached entries the consistency audit compared with the database.",
+            value=stats.sampled,
+        )
+        yield CounterMetricFamily(
+            "cacheaside_audit_divergent",
+            "Compared entries that still differed from the database after the audit's grace period.",
+            value=stats.divergent,
+        )
+        yield CounterMetricFamily(
+            "cacheaside_audit_divergent_past_ttl",
+            "Cached keys seen to differ from the database for longer than the longest TTL: each is a bug.",
+            value=stats.past_ttl,
+        )
+        yield GaugeMetricFamily(
+            "cacheaside_audit_oldest_divergence_seconds",
+            "Age (at least) of the oldest divergence the audit still sees; 0 when there is none.",
+            value=stats.oldest_divergence_s,
         )

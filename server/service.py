@@ -16,13 +16,15 @@ from dataclasses import dataclass
 from typing import Any, NoReturn, Protocol, TypeVar
 
 import grpc
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
 from client.proto.cacheaside.v1 import cache_service_pb2 as pb
 from server import wire
+from server.audit import RecentReads
 from server.cache import (
     CacheEngine,
     CacheUnavailable,
+    DatabaseSaturated,
     Family,
     FlightTimeout,
     LoadTimeout,
@@ -41,13 +43,14 @@ from server.errors import (
     ServiceError,
     to_status,
 )
-from server.validation import check_id, check_ids, check_limit
+from server.validation import check_duration_s, check_id, check_ids, check_limit
 from server.warming import Warmer, WarmProgress
 
 _LOGGER = logging.getLogger(__name__)
 SERVICE_NAME = "cacheaside.v1.CacheService"
 MAX_INVALIDATE_IDS = 1000
 MAX_WARM_ITEMS = 10_000
+MAX_ACTIVE_WITHIN_S = 1000 * 365 * 86_400
 _DEADLINE_MARGIN_S = 0.005  # answer DEADLINE_EXCEEDED ourselves, just before gRPC cancels the call
 _T = TypeVar("_T")
 _RESPONSE_FIELD = 1  # the single field of every read response: user(s), post(s) or comments
@@ -88,11 +91,13 @@ class CacheService:
         warmer: Warmer,
         *,
         observer: ServiceObserver | None = None,
+        recent_reads: RecentReads | None = None,
     ) -> None:
         self._engine = engine
         self._catalog = catalog
         self._warmer = warmer
         self._observer = observer
+        self._recent_reads = recent_reads
 
     def method_handlers(self) -> dict[str, grpc.RpcMethodHandler[Any, bytes]]:
         """Every RPC of the service, by method name."""
@@ -118,12 +123,15 @@ class CacheService:
 
     def _read(self, rpc: str, plan_of: Callable[[Any], ReadPlan]) -> Handler:
         record = self._observer.read_recorder(rpc) if self._observer is not None else None
+        note = self._recent_reads.note if self._recent_reads is not None else None
 
         async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
             plan = plan_of(request)
             fetched = await _within_deadline(context, self._engine.fetch(plan.lookups))
             if record is not None:
                 record(fetched.outcome, plan.lookups[0][0].tier)
+            if note is not None:
+                note(plan.lookups)  # for the consistency audit: one append, no copy
             payloads = fetched.payloads
             if None in payloads:
                 missing = [
@@ -234,9 +242,8 @@ class CacheService:
     def _warm_choices(self, request: pb.WarmRequest) -> dict[str, Any]:
         posts = check_limit("popular_posts", request.popular_posts, default=0, maximum=MAX_WARM_ITEMS)
         users = check_limit("active_users", request.active_users, default=0, maximum=MAX_WARM_ITEMS)
-        within_s = request.active_within.ToTimedelta().total_seconds()
-        if within_s < 0:
-            raise InvalidArgument("active_within must not be negative", reason="INVALID_DURATION")
+        # Longer than the clock can go back means everyone: the window is cut to MAX_ACTIVE_WITHIN_S.
+        within_s = check_duration_s("active_within", request.active_within, at_most_s=MAX_ACTIVE_WITHIN_S)
         return {"posts": posts or None, "users": users or None, "active_within_s": within_s or None}
 
     async def _warm(self, request: pb.WarmRequest, context: Any) -> bytes:
@@ -307,7 +314,14 @@ async def _within_deadline(context: grpc.aio.ServicerContext[Any, Any], work: Aw
         ) from exc
 
 
-_UNAVAILABLE_ERRORS = (ServiceError, LoadTimeout, FlightTimeout, CacheUnavailable, RecentLoadFailure)
+_UNAVAILABLE_ERRORS = (
+    ServiceError,
+    LoadTimeout,
+    FlightTimeout,
+    CacheUnavailable,
+    RecentLoadFailure,
+    DatabaseSaturated,
+)
 
 
 def _service_error(exc: Exception) -> ServiceError:
@@ -322,6 +336,12 @@ def _service_error(exc: Exception) -> ServiceError:
     if isinstance(exc, FlightTimeout):
         return DatabaseUnavailable(
             f"the shared load did not finish within {exc.timeout_s:.1f} s; retry later", reason="LOAD_TIMEOUT"
+        )
+    if isinstance(exc, DatabaseSaturated):
+        return DatabaseUnavailable(
+            f"the database is saturated: this server already runs {exc.limit} loads "
+            "(CACHEASIDE_MAX_CONCURRENT_LOADS), so this miss was refused rather than queued; retry shortly",
+            reason="DATABASE_SATURATED",
         )
     if isinstance(exc, RecentLoadFailure):
         return DatabaseUnavailable(
@@ -360,16 +380,37 @@ def _guarded_stream(handler: StreamHandler) -> StreamHandler:
 
 
 def _unary(request_type: type[Message], handler: Handler) -> grpc.RpcMethodHandler[Any, bytes]:
+    parse, malformed = request_type.FromString, _malformed(request_type)
+
+    async def parsed(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        try:
+            request = parse(raw)
+        except DecodeError:
+            await _abort(context, malformed)
+        return await handler(request, context)
+
+    # Requests are parsed here, not by grpcio, whose deserializer turns bad bytes into UNKNOWN.
     return grpc.unary_unary_rpc_method_handler(
-        handler,
-        request_deserializer=request_type.FromString,
+        parsed,
         response_serializer=bytes,  # handlers return serialized responses already
     )
 
 
 def _stream(request_type: type[Message], handler: StreamHandler) -> grpc.RpcMethodHandler[Any, bytes]:
-    return grpc.unary_stream_rpc_method_handler(
-        handler,
-        request_deserializer=request_type.FromString,
-        response_serializer=bytes,
+    parse, malformed = request_type.FromString, _malformed(request_type)
+
+    async def parsed(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
+        try:
+            request = parse(raw)
+        except DecodeError:
+            await _abort(context, malformed)
+        async for message in handler(request, context):
+            yield message
+
+    return grpc.unary_stream_rpc_method_handler(parsed, response_serializer=bytes)
+
+
+def _malformed(request_type: type[Message]) -> InvalidArgument:
+    return InvalidArgument(
+        f"the request is not a valid {request_type.DESCRIPTOR.full_name} message", reason="MALFORMED_REQUEST"
     )

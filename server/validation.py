@@ -5,11 +5,15 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from google.protobuf.duration_pb2 import Duration
+
 from server.errors import InvalidArgument
 
 MAX_ID_LENGTH = 64
 MAX_BATCH = 100
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_DURATION_MAX_S = 315_576_000_000  # google.protobuf.Duration's own range: about 10,000 years
+_NANOS_MAX = 999_999_999
 
 
 def check_id(field: str, value: str) -> str:
@@ -49,3 +53,19 @@ def check_limit(field: str, value: int, *, default: int, maximum: int) -> int:
             reason="LIMIT_OUT_OF_RANGE",
         )
     return value
+
+
+def check_duration_s(field: str, value: Duration, *, at_most_s: float) -> float:
+    """A well-formed, non-negative Duration in seconds; longer than at_most_s counts as at_most_s."""
+    seconds, nanos = value.seconds, value.nanos
+    mixed_signs = (seconds < 0 < nanos) or (nanos < 0 < seconds)
+    if abs(seconds) > _DURATION_MAX_S or abs(nanos) > _NANOS_MAX or mixed_signs:
+        raise InvalidArgument(
+            f"{field} is not a valid Duration: seconds within +-{_DURATION_MAX_S}, nanos within "
+            f"+-{_NANOS_MAX} and of the same sign",
+            reason="INVALID_DURATION",
+        )
+    total_s = seconds + nanos / 1e9
+    if total_s < 0:
+        raise InvalidArgument(f"{field} must not be negative", reason="INVALID_DURATION")
+    return min(total_s, at_most_s)

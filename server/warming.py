@@ -125,7 +125,8 @@ class Warmer:
         async def batch(family: Family, ids: list[str], is_post: bool) -> None:
             async with self._slots:
                 await self._pacer.wait_for(len(ids))
-                written = await self._engine.refresh(family, ids)
+                # Warming waits for a database load slot where a live miss would be refused.
+                written = await self._engine.refresh(family, ids, wait_for_slot=True)
             if is_post:
                 progress.posts_done += len(ids)
                 progress.posts_warmed += written

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from server.domain.keys import key_prefix
 from server.domain.models import metadata
 from server.embedded_redis import EmbeddedRedis
 from server.migrate import upgrade_sync
+from tests.private_postgres import private_postgres
 
 RUN_ID = uuid.uuid4().hex[:8]
 DEFAULT_POSTGRES_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
@@ -73,6 +75,25 @@ def _postgres_answers(url: str) -> str | None:
     return asyncio.run(connect())
 
 
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """The machine's PostgreSQL if it answers, else a private one; under CI=true, never a skip."""
+    url = os.environ.get("CACHEASIDE_TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL)
+    problem = _postgres_answers(url)
+    if not problem:
+        yield url
+        return
+    try:
+        with private_postgres() as private:
+            yield private.url
+            return
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        message = f"PostgreSQL at {url} is unreachable ({problem}) and a private one failed to start ({exc})"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 @dataclass(frozen=True)
 class Database:
     """A migrated database for this run: its URL and schema."""
@@ -91,15 +112,7 @@ def database(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
         upgrade_sync(Settings(database_url=found.url))
         yield found
         return
-    url = os.environ.get("CACHEASIDE_TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL)
-    problem = _postgres_answers(url)
-    if problem:
-        message = (
-            f"PostgreSQL at {url} is unreachable ({problem}); start it or set CACHEASIDE_TEST_POSTGRES_URL"
-        )
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+    url = request.getfixturevalue("postgres_url")
     found = Database("postgresql", url, f"cacheaside_test_{RUN_ID}")
     upgrade_sync(Settings(database_url=found.url, database_schema=found.schema))
     yield found

@@ -59,7 +59,7 @@ def ttl_band_ms(settings: Settings, tier: Tier) -> tuple[int, int]:
     """The range a tier's TTL may take after jitter."""
     base = settings.ttl_s(tier) * 1000
     spread = base * settings.ttl_jitter_pct / 100
-    return int(base - spread) - 1000, int(base + spread) + 1
+    return int(base - spread) - 5000, int(base + spread) + 1  # slack: the time since the fill
 
 
 async def freshness_ms(redis_client: aioredis.Redis, key: str) -> tuple[int, int]:

@@ -39,7 +39,10 @@ async def _serve(settings: Settings, extra_load_ms: float, conn: Connection) -> 
     while True:
         command = await loop.run_in_executor(None, conn.recv)
         if command == "stats":
-            conn.send(dataclasses.asdict(app.engine.stats))
+            stats = dataclasses.asdict(app.engine.stats)
+            if app.engine.near is not None:
+                stats["near"] = dataclasses.asdict(app.engine.near.stats)
+            conn.send(stats)
         elif command == "stop":
             break
     await app.stop(0)
@@ -58,6 +61,12 @@ class ServerProcess:
         if not self._conn.poll(60):
             raise RuntimeError("server process did not start")
         self.port: int = self._conn.recv()
+
+    @property
+    def pid(self) -> int:
+        """The child's process id."""
+        assert self._process.pid is not None
+        return self._process.pid
 
     @property
     def target(self) -> str:

@@ -23,6 +23,7 @@ class TcpProxy:
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self.mode = ProxyMode.FORWARD
+        self.latency_s = 0.0  # added before each chunk is passed on, both ways
         self.port = 0
 
     async def start(self) -> TcpProxy:
@@ -56,7 +57,7 @@ class TcpProxy:
             up_reader, up_writer = await asyncio.open_connection(*self._upstream)
             self._writers.add(up_writer)
             try:
-                await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+                await asyncio.gather(_pipe(reader, up_writer, self), _pipe(up_reader, writer, self))
             finally:
                 self._writers.discard(up_writer)
                 up_writer.close()
@@ -67,9 +68,11 @@ class TcpProxy:
             writer.close()
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, proxy: TcpProxy) -> None:
     with contextlib.suppress(ConnectionError, OSError):
         while data := await reader.read(65536):
+            if proxy.latency_s:
+                await asyncio.sleep(proxy.latency_s)
             writer.write(data)
             await writer.drain()
     writer.close()

@@ -33,14 +33,15 @@ def h2load() -> None:
 @pytest.mark.timeout(90)
 async def test_the_suite_runs_every_kind_of_scenario_and_checks_it(h2load: None, tmp_path: Path) -> None:
     argv = ["--duration", "0.5", "--rounds", "1", "--posts", "2000", "--scenarios", TINY,
-            "--skip-stampede", "--skip-warm-impact", "--results-dir", str(tmp_path)]  # fmt: skip
+            "--skip-others", "--results-dir", str(tmp_path)]  # fmt: skip
     result = await suite.main(argv)
 
     rows = result["scenarios"]
     assert set(rows) == set(TINY.split(","))
     for name, row in rows.items():
         assert row["req_per_s"]["median"] > 0, name
-        assert row["failed_at_client"]["max"] == 0, name
+        # Misses past CACHEASIDE_MAX_CONCURRENT_LOADS are refused (DATABASE_SATURATED); nothing else fails.
+        assert row["failed_at_client"]["max"] <= (0.1 * row["requests"]["max"] if name == "miss" else 0), name
         assert row["cpu_us_per_request"]["median"] > 0, name
     assert rows["hit"]["hit_ratio"]["median"] == 1.0
     assert rows["hit-uvloop"]["hit_ratio"]["median"] == 1.0
@@ -48,7 +49,9 @@ async def test_the_suite_runs_every_kind_of_scenario_and_checks_it(h2load: None,
     assert rows["miss"]["db_loads_per_1000"]["median"] > 900
     assert 0 < rows["zipf"]["hit_ratio"]["median"] < 1
     assert rows["redis-down"]["hit_ratio"]["median"] == 0.0  # bypassed, never hit
-    assert rows["batch100"]["items_per_s"]["median"] == pytest.approx(100 * rows["batch100"]["req_per_s"]["median"])
+    assert rows["batch100"]["items_per_s"]["median"] == pytest.approx(
+        100 * rows["batch100"]["req_per_s"]["median"]
+    )
     assert "hit_ratio" not in rows["noop"]  # bench-only servers have no counters
     ratios = {ratio["name"]: ratio for ratio in result["ratios"]}
     assert ratios["cache hit / uncached database (miss)"]["value"] > 0

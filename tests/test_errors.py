@@ -104,3 +104,33 @@ async def test_not_found_is_cached_briefly_and_cleared_by_invalidate(
     await call(service.stub.Invalidate, pb.InvalidateRequest(post_ids=["late"]))
     found, meta = await call(service.stub.GetPost, pb.GetPostRequest(post_id="late"))
     assert (found.post.id, meta["x-cache"]) == ("late", "miss")
+
+
+@pytest.mark.parametrize(
+    ("seconds", "nanos", "code"),
+    [
+        (315_576_000_000, 0, grpc.StatusCode.OK),  # the longest Duration: everyone, not an overflow
+        (315_576_000_001, 0, grpc.StatusCode.INVALID_ARGUMENT),
+        (2**62, 0, grpc.StatusCode.INVALID_ARGUMENT),
+        (1, -1, grpc.StatusCode.INVALID_ARGUMENT),
+        (0, 1_000_000_000, grpc.StatusCode.INVALID_ARGUMENT),
+    ],
+)
+async def test_warm_takes_any_valid_duration_and_refuses_malformed_ones(
+    service: Running, seconds: int, nanos: int, code: grpc.StatusCode
+) -> None:
+    request = pb.WarmRequest()
+    request.active_within.seconds, request.active_within.nanos = seconds, nanos
+    try:
+        await service.stub.Warm(request)
+        found = grpc.StatusCode.OK
+    except grpc.aio.AioRpcError as error:
+        found = error.code()
+    assert found == code
+
+
+async def test_request_bytes_that_are_not_the_message_are_invalid_argument(service: Running) -> None:
+    raw = service.channel.unary_unary("/cacheaside.v1.CacheService/GetPost")  # bytes go as they are
+    code, details, reason = await error_of(raw, b"\x0a\xff\xff\xff\xff\x0f")
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST")
+    assert "cacheaside.v1.GetPostRequest" in details

@@ -50,7 +50,8 @@ async def test_warm_defaults_cache_the_seeds_selection_with_tier_ttls(
     users = await _cached(redis_client, service.prefix, "user:")
     assert set(users) == {f"u{n:02d}" for n in range(50)}  # the 50 most recently active within 24 h
     low, high = ttl_band_ms(service.app.settings, Tier.WARM)
-    assert all(low <= ttl <= high for ttl in [*posts.values(), *users.values()])
+    outside = {k: v for k, v in {**posts, **users}.items() if not low <= v <= high}
+    assert not outside, outside
 
     _, meta = await call(service.stub.GetPost, pb.GetPostRequest(post_id="p24"))
     assert meta["x-cache"] == "hit"

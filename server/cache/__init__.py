@@ -3,11 +3,20 @@
 from server.cache.engine import CacheEngine
 from server.cache.notify import FillNotifier
 from server.cache.store import CacheUnavailable, RedisStore
-from server.cache.types import Family, Fetched, FlightTimeout, LoadTimeout, Outcome, RecentLoadFailure
+from server.cache.types import (
+    DatabaseSaturated,
+    Family,
+    Fetched,
+    FlightTimeout,
+    LoadTimeout,
+    Outcome,
+    RecentLoadFailure,
+)
 
 __all__ = [
     "CacheEngine",
     "CacheUnavailable",
+    "DatabaseSaturated",
     "Family",
     "Fetched",
     "FillNotifier",

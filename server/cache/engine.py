@@ -18,7 +18,8 @@ from collections.abc import Callable, Sequence
 from server.cache import envelope
 from server.cache.flights import BYPASS, LeaseFlights, Result
 from server.cache.loading import Loading, Lookup, TtlPolicy
-from server.cache.notify import FillNotifier
+from server.cache.near import NearCache
+from server.cache.notify import NEW_GENERATION, EventListener, FillNotifier
 from server.cache.store import CacheUnavailable, LeaseKind, LeaseRequest, RedisStore
 from server.cache.types import EngineHooks, EngineStats, Family, Fetched, Outcome, Resolved, combine
 
@@ -33,6 +34,7 @@ class CacheEngine:
         store: RedisStore,
         *,
         notifier: FillNotifier | None = None,
+        near: NearCache | None = None,
         load_timeout_s: float,
         leases: bool = True,
         lease_ttl_ms: int = 3000,
@@ -40,6 +42,7 @@ class CacheEngine:
         max_stale_s: int = 0,
         jitter_pct: float = 0.0,
         error_backoff_ms: int = 1000,
+        max_concurrent_loads: int = 0,
     ) -> None:
         self.store = store
         self.notifier = notifier
@@ -49,7 +52,9 @@ class CacheEngine:
         self.clock: Callable[[], float] = time.time
         self.random: Callable[[], float] = random.random
         self.leases = leases
-        self._loading = Loading(self.stats, self.hooks, timeout_s=load_timeout_s)
+        self._loading = Loading(
+            self.stats, self.hooks, timeout_s=load_timeout_s, max_concurrent=max_concurrent_loads
+        )
         self._ttl = TtlPolicy(
             negative_ttl_ms=negative_ttl_s * 1000, max_stale_ms=max_stale_s * 1000, jitter=jitter_pct / 100
         )
@@ -65,6 +70,18 @@ class CacheEngine:
         )
         self._lease_ms = lease_ttl_ms
         self._refreshing: set[str] = set()
+        # The near cache needs the events to stay coherent: without a notifier there is none.
+        self.near = near if notifier is not None else None
+        if self.near is not None and notifier is not None:
+            notifier.listen(EventListener(on_event=self._on_event, on_missed=self.near.flush))
+
+    def _on_event(self, kind: str, key: str) -> None:
+        if self.near is None:
+            return
+        if kind == NEW_GENERATION:
+            self.near.flush()
+        else:
+            self.near.drop([key])
 
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -72,6 +89,17 @@ class CacheEngine:
     async def fetch(self, pairs: Sequence[tuple[Family, str]]) -> Fetched:
         """Answer every (family, id): one MGET, then leases and one query per family for the misses."""
         lookups = [Lookup(family, item_id, family.key(item_id)) for family, item_id in pairs]
+        near = (
+            self.near
+            if self.near is not None and self.notifier and self.notifier.connected.is_set()
+            else None
+        )
+        near_version = 0
+        if near is not None:
+            near_version = near.version
+            held = self._near_hit(near, lookups)
+            if held is not None:
+                return held
         try:
             generation, raws = await self.store.mget([lookup.key for lookup in lookups])
         except CacheUnavailable:
@@ -87,6 +115,8 @@ class CacheEngine:
                 entry = None  # written before an invalidate-everything: as good as deleted
             if entry is not None and entry.is_fresh(now_ms):
                 payloads[index] = entry.payload
+                if near is not None:
+                    near.admit(lookup.key, entry, lookup.family.tags, read_at_version=near_version)
                 if self.leases and self._xfetch_due(lookup.family, entry, now_ms):
                     self._refresh_early(lookup, generation)
                 continue
@@ -119,6 +149,22 @@ class CacheEngine:
             self.stats.misses += 1
         return Fetched(payloads, outcome)
 
+    def _near_hit(self, near: NearCache, lookups: Sequence[Lookup]) -> Fetched | None:
+        # Every lookup from the near cache, or None: a partial answer would still need the MGET.
+        now_ms = self._now_ms()
+        entries = []
+        for lookup in lookups:
+            entry = near.get(lookup.key, now_ms)
+            if entry is None:
+                return None
+            entries.append(entry)
+        self.stats.hits += 1
+        near.stats.hits += 1
+        for lookup, entry in zip(lookups, entries, strict=True):
+            if self._xfetch_due(lookup.family, entry, now_ms):
+                self._refresh_early(lookup, entry.generation)
+        return Fetched([entry.payload for entry in entries], Outcome.HIT)
+
     async def _answers(self, results: dict[str, Result], stale: dict[str, bytes]) -> dict[str, Resolved]:
         # Stale-if-error: a key whose load failed answers with the expired copy read before, but only
         # if that copy is still what Redis holds, so an invalidation since then is never undone.
@@ -140,15 +186,19 @@ class CacheEngine:
                 raise result
         return answers
 
-    async def refresh(self, family: Family, ids: Sequence[str]) -> int:
+    async def refresh(self, family: Family, ids: Sequence[str], *, wait_for_slot: bool = False) -> int:
         """Reload ids and write them under fresh leases (warming); returns how many were written.
 
-        Keys whose lease another caller holds are left to that caller's fill. Raises CacheUnavailable.
+        Keys whose lease another caller holds are left to that caller's fill. Raises CacheUnavailable,
+        and DatabaseSaturated when every load slot is taken, unless wait_for_slot says to wait for one.
         """
         lookups = [Lookup(family, item_id, family.key(item_id)) for item_id in ids]
+        if wait_for_slot:
+            # Before taking leases: live readers of these keys must not wait on a lease while we queue.
+            await self._loading.slots.wait_for_room(1)
         generation = await self.store.generation()
         if not self.leases:
-            results = await self._plain(lookups, generation)
+            results = await self._plain(lookups, generation, wait_for_slot=wait_for_slot)
             return sum(1 for result in results.values() if not isinstance(result, BaseException))
         tokens = {lookup.key: secrets.token_hex(8) for lookup in lookups}
         requests = [LeaseRequest(lk.key, tokens[lk.key], family.tags, force=True) for lk in lookups]
@@ -156,19 +206,29 @@ class CacheEngine:
             requests, lease_ms=self._lease_ms, now_ms=self._now_ms(), generation=generation
         )
         granted = [lk for lk, lease in zip(lookups, leases, strict=True) if lease.kind is LeaseKind.GRANTED]
-        _, written = await self._flights.load_and_fill(granted, tokens, generation)
+        _, written = await self._flights.load_and_fill(
+            granted, tokens, generation, wait_for_slot=wait_for_slot
+        )
         return written
 
     async def invalidate(self, keys: Sequence[str], tags: Sequence[str]) -> int:
         """Delete keys, their leases, and every key in the tags, atomically. Raises CacheUnavailable."""
+        if self.near is not None:
+            self.near.drop(keys, tags)  # before: a read racing the script must not re-admit the old value
         deleted = await self.store.invalidate(keys, tags)
-        # Other processes drop their flights when the script's message reaches them; this one at once.
+        # Other processes drop their flights and near entries when the script's events reach them;
+        # this one at once.
         self._flights.forget(keys, tags)
+        if self.near is not None:
+            self.near.drop(keys, tags)
         return deleted
 
     async def invalidate_everything(self) -> int:
         """Bump the namespace generation: every entry is invalid at once, O(1). Returns the new one."""
-        return await self.store.bump_generation()
+        generation = await self.store.bump_generation()
+        if self.near is not None:
+            self.near.flush()
+        return generation
 
     async def drain(self) -> None:
         """Wait for background loads and early refreshes under way to finish."""
@@ -201,10 +261,12 @@ class CacheEngine:
         finally:
             self._refreshing.discard(lookup.key)
 
-    async def _plain(self, lookups: Sequence[Lookup], generation: int) -> dict[str, Result]:
+    async def _plain(
+        self, lookups: Sequence[Lookup], generation: int, *, wait_for_slot: bool = False
+    ) -> dict[str, Result]:
         # Leases off: the seed's plain cache-aside, every miss loads. The benchmarks' baseline.
         try:
-            loaded, load_ms = await self._loading.load(lookups)
+            loaded, load_ms = await self._loading.load(lookups, wait_for_slot=wait_for_slot)
         except Exception as exc:
             return {lookup.key: exc for lookup in lookups}
         now_ms = self._now_ms()

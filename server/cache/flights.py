@@ -20,9 +20,16 @@ from typing import Any
 
 from server.cache import envelope
 from server.cache.loading import Loading, Lookup, TtlPolicy
-from server.cache.notify import FillNotifier
+from server.cache.notify import INVALIDATED, EventListener, FillNotifier
 from server.cache.store import CacheUnavailable, LeaseKind, LeaseRequest, LeaseResult, RedisStore
-from server.cache.types import EngineStats, FlightTimeout, Outcome, RecentLoadFailure, Resolved
+from server.cache.types import (
+    DatabaseSaturated,
+    EngineStats,
+    FlightTimeout,
+    Outcome,
+    RecentLoadFailure,
+    Resolved,
+)
 
 _LOGGER = logging.getLogger(__name__)
 _FIRST_WAIT_S = 0.02
@@ -69,7 +76,15 @@ class LeaseFlights:
         self._flights: dict[tuple[str, int], _Entry] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         if notifier is not None:
-            notifier.on_invalidated = lambda key: self.forget([key], ())
+            notifier.listen(EventListener(on_event=self._on_event, on_missed=self._on_missed))
+
+    def _on_event(self, kind: str, key: str) -> None:
+        if kind == INVALIDATED:
+            self.forget([key], ())
+
+    def _on_missed(self) -> None:
+        # An invalidation may have been among the missed events: no flight under way may be joined.
+        self._flights.clear()
 
     def in_flight(self, key: str, generation: int) -> bool:
         """Whether this process is already resolving key in this generation."""
@@ -117,14 +132,23 @@ class LeaseFlights:
             del self._flights[flight_key]
 
     async def load_and_fill(
-        self, lookups: Sequence[Lookup], tokens: dict[str, str], generation: int
+        self,
+        lookups: Sequence[Lookup],
+        tokens: dict[str, str],
+        generation: int,
+        *,
+        wait_for_slot: bool = False,
     ) -> tuple[dict[str, Resolved], int]:
         """Load keys whose leases we hold and fill them under their tokens; returns answers, fills written."""
         if not lookups:
             return {}, 0
         held = [(lookup.key, tokens[lookup.key]) for lookup in lookups]
         try:
-            loaded, load_ms = await self._loading.load(lookups)
+            loaded, load_ms = await self._loading.load(lookups, wait_for_slot=wait_for_slot)
+        except DatabaseSaturated:
+            # This process is busy, not the key's load failing: no error mark, another instance may load it.
+            await self._release_quietly(held, error_ms=0)
+            raise
         except Exception:
             await self._release_quietly(held, error_ms=self._error_backoff_ms)
             raise

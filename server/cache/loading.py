@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from server.cache import envelope
 from server.cache.store import Fill
-from server.cache.types import EngineHooks, EngineStats, Family, LoadTimeout
+from server.cache.types import DatabaseSaturated, EngineHooks, EngineStats, Family, LoadTimeout
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,29 +54,96 @@ class TtlPolicy:
         return max(1, round(ttl_ms + self.uniform(-spread, spread)))
 
 
-class Loading:
-    """Runs loaders with a timeout, one query per family, and counts them."""
+class LoadSlots:
+    """At most `limit` database queries of loads at once in this process (0: no limit).
 
-    def __init__(self, stats: EngineStats, hooks: EngineHooks, *, timeout_s: float) -> None:
+    A miss that finds no free slot is refused at once (`take`): queueing it would only add to a
+    database that is already saturated, and make every caller wait. Warming, which has its own
+    concurrency bound, may wait for a slot instead (`wait_and_take`); live misses never wait.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_use = 0
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def _needed(self, queries: int) -> int:
+        # A load needing more than the whole budget takes all of it, so it can still run alone.
+        return min(queries, self.limit)
+
+    def take(self, queries: int) -> int:
+        """Take slots for a load of `queries` queries; raises DatabaseSaturated if they are not free."""
+        need = self._needed(queries)
+        if self.limit and self.in_use + need > self.limit:
+            raise DatabaseSaturated(self.limit)
+        self.in_use += need
+        return need
+
+    async def wait_for_room(self, queries: int) -> None:
+        """Wait until a load of `queries` queries would get its slots (without taking them)."""
+        need = self._needed(queries)
+        while self.limit and self.in_use + need > self.limit:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                self._waiters.remove(waiter)
+
+    async def wait_and_take(self, queries: int) -> int:
+        """Take slots, waiting for them to come free."""
+        await self.wait_for_room(queries)
+        return self.take(queries)  # no await since the wait: the room is still there
+
+    def give_back(self, taken: int) -> None:
+        """Return slots taken by take or wait_and_take."""
+        self.in_use -= taken
+        for waiter in self._waiters:  # each re-checks; those that still do not fit wait again
+            if not waiter.done():
+                waiter.set_result(None)
+
+
+class Loading:
+    """Runs loaders with a timeout, one query per family, within the load slots, and counts them."""
+
+    def __init__(
+        self, stats: EngineStats, hooks: EngineHooks, *, timeout_s: float, max_concurrent: int = 0
+    ) -> None:
         self._stats = stats
         self._hooks = hooks
         self.timeout_s = timeout_s
+        self.slots = LoadSlots(max_concurrent)
 
-    async def load(self, lookups: Sequence[Lookup]) -> tuple[Loaded, int]:
-        """Load every lookup with one query per family, concurrently; also returns the load time in ms."""
+    async def load(self, lookups: Sequence[Lookup], *, wait_for_slot: bool = False) -> tuple[Loaded, int]:
+        """Load every lookup with one query per family, concurrently; also returns the load time in ms.
+
+        Each query takes a load slot; without free slots this raises DatabaseSaturated before touching
+        the database, unless wait_for_slot (warming) says to wait for them.
+        """
         ids_by_family: dict[Family, dict[str, None]] = {}
         for lookup in lookups:
             ids_by_family.setdefault(lookup.family, {})[lookup.item_id] = None
         families = list(ids_by_family)
-        started = time.monotonic()
+        if wait_for_slot:
+            taken = await self.slots.wait_and_take(len(families))
+        else:
+            try:
+                taken = self.slots.take(len(families))
+            except DatabaseSaturated:
+                self._stats.loads_refused += 1
+                raise
         try:
-            results = await asyncio.gather(*(self._load(f, list(ids_by_family[f])) for f in families))
-        except Exception:
-            self._stats.load_failures += 1
-            raise
-        load_ms = int((time.monotonic() - started) * 1000)
-        if self._hooks.after_load is not None:
-            await self._hooks.after_load([lookup.key for lookup in lookups])
+            started = time.monotonic()
+            try:
+                results = await asyncio.gather(*(self._load(f, list(ids_by_family[f])) for f in families))
+            except Exception:
+                self._stats.load_failures += 1
+                raise
+            load_ms = int((time.monotonic() - started) * 1000)
+            if self._hooks.after_load is not None:
+                await self._hooks.after_load([lookup.key for lookup in lookups])
+        finally:
+            self.slots.give_back(taken)
         return dict(zip(families, results, strict=True)), load_ms
 
     async def _load(self, family: Family, ids: Sequence[str]) -> Mapping[str, bytes]:

@@ -1,9 +1,12 @@
-"""Fill notifications over Redis pub/sub, so lease waiters wake when a value lands, not on a poll.
+"""Cache events over Redis pub/sub: fills wake lease waiters, invalidations reach every process.
 
-One subscriber connection per process. A waiter registers interest in a key *before* it checks
-Redis, so a fill between the check and the wait still wakes it. Messages can be lost (a dropped
-connection), so every wait is also bounded by a short back-off after which the waiter checks again.
-A message is the prefixed key, or "!" and the key when an invalidation voided its lease.
+One subscriber connection per process reads "<counter> <seq> <kind> <key>" messages (scripts.py
+publishes them:
+f fill, r released lease, i invalidated, g new generation). A waiter registers interest in a key
+*before* it checks Redis, so a fill between the check and the wait still wakes it. Messages can be
+lost (a dropped connection, a subscriber too slow for Redis's output buffer): the sequence numbers
+show a gap, and a reconnect shows the connection was lost, and either way every listener is told to
+assume it missed everything (waiters check again; the near cache flushes).
 """
 
 from __future__ import annotations
@@ -15,33 +18,58 @@ from collections.abc import Callable
 
 from redis.asyncio import Redis
 
+from server.cache.layout import KeyLayout
+
 _LOGGER = logging.getLogger(__name__)
 _RECONNECT_S = 1.0
 
+FILLED = "f"
+RELEASED = "r"
+INVALIDATED = "i"
+NEW_GENERATION = "g"
+
+
+class EventListener:
+    """What other parts of the engine do with events: per key, and when events may have been missed."""
+
+    def __init__(self, on_event: Callable[[str, str], None], on_missed: Callable[[], None]) -> None:
+        self.on_event = on_event
+        self.on_missed = on_missed
+
 
 class FillNotifier:
-    """Wakes local waiters when any process fills, releases or invalidates a key under lease."""
+    """Wakes local waiters and informs listeners of every cache event, from any process."""
 
-    def __init__(self, redis: Redis, *, channel: str, prefix: str) -> None:
+    def __init__(self, redis: Redis, *, channel: str, layout: KeyLayout) -> None:
         self._redis = redis
         self._channel = channel
-        self._prefix = prefix
+        self._layout = layout
         self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._listeners: list[EventListener] = []
         self._task: asyncio.Task[None] | None = None
+        self._last_seq: dict[str, int] = {}  # per counter: one on a single Redis, per slot on a cluster
         self.connected = asyncio.Event()
-        self.on_invalidated: Callable[[str], None] | None = None
+        self.gaps = 0
 
     @classmethod
-    def connect(cls, url: str, *, channel: str, prefix: str, connect_timeout_ms: int) -> FillNotifier:
-        """A notifier on its own connection: pub/sub reads block, so no command timeout applies."""
+    def connect(cls, url: str, *, channel: str, layout: KeyLayout, connect_timeout_ms: int) -> FillNotifier:
+        """A notifier on its own connection: pub/sub reads block, so no command timeout applies.
+
+        On a cluster it subscribes at the node the URL names: classic pub/sub reaches every node.
+        """
         redis = Redis.from_url(
             url,
             socket_connect_timeout=connect_timeout_ms / 1000,
             socket_timeout=None,  # a subscriber waits for messages without limit ...
             socket_keepalive=True,
             health_check_interval=5,  # ... but a half-open connection is noticed
+            client_name=f"cacheaside-events:{layout.prefix}"[:128],  # so an operator can tell it apart
         )
-        return cls(redis, channel=channel, prefix=prefix)
+        return cls(redis, channel=channel, layout=layout)
+
+    def listen(self, listener: EventListener) -> None:
+        """Tell listener of every event, and whenever events may have been missed."""
+        self._listeners.append(listener)
 
     def start(self) -> None:
         """Begin listening in the background (reconnecting as needed)."""
@@ -49,7 +77,7 @@ class FillNotifier:
             self._task = asyncio.get_running_loop().create_task(self._listen_forever())
 
     def expect(self, key: str) -> asyncio.Event:
-        """An event set when key (unprefixed) is next filled or its lease ends; `forget` it after."""
+        """An event set when key (unprefixed) next changes or its lease ends; `forget` it after."""
         event = asyncio.Event()
         self._waiters.setdefault(key, set()).add(event)
         return event
@@ -62,41 +90,49 @@ class FillNotifier:
             if not events:
                 del self._waiters[key]
 
-    def _wake(self, key: str) -> None:
-        for event in self._waiters.get(key, ()):
-            event.set()
-
-    def _wake_all(self) -> None:
+    def _missed(self) -> None:
+        self._last_seq.clear()
         for events in self._waiters.values():
             for event in events:
                 event.set()
+        for listener in self._listeners:
+            listener.on_missed()
+
+    def _handle(self, data: bytes) -> None:
+        counter, seq_text, kind, redis_key = data.decode().split(" ", 3)
+        seq = int(seq_text)
+        last = self._last_seq.get(counter)
+        if last is not None and seq != last + 1:
+            self.gaps += 1
+            _LOGGER.warning(
+                "cache events %d..%d of %s were missed; near caches flush", last + 1, seq - 1, counter
+            )
+            self._missed()
+        self._last_seq[counter] = seq
+        key = self._layout.key_of(redis_key) if redis_key else ""
+        for listener in self._listeners:
+            listener.on_event(kind, key)
+        for event in self._waiters.get(key, ()):
+            event.set()
 
     async def _listen_forever(self) -> None:
         while True:
             try:
                 await self._listen()
             except Exception as exc:  # the listener must outlive any failure
-                _LOGGER.debug("fill notifications lost (%r); reconnecting", exc)
+                _LOGGER.debug("cache events lost (%r); reconnecting", exc)
             self.connected.clear()
-            self._wake_all()  # anything may have been missed: every waiter checks again
+            self._missed()
             await asyncio.sleep(_RECONNECT_S)
 
     async def _listen(self) -> None:
         async with self._redis.pubsub() as pubsub:
             await pubsub.subscribe(self._channel)
+            self._missed()  # whatever happened before the subscription took effect
             self.connected.set()
-            self._wake_all()  # whatever was published before the subscription is checked again
             async for message in pubsub.listen():
-                if message.get("type") != "message":
-                    continue
-                data = message["data"].decode()
-                if data.startswith("!"):
-                    key = data[1 + len(self._prefix) :]
-                    if self.on_invalidated is not None:
-                        self.on_invalidated(key)
-                else:
-                    key = data[len(self._prefix) :]
-                self._wake(key)
+                if message.get("type") == "message":
+                    self._handle(message["data"])
 
     async def close(self) -> None:
         """Stop listening and close the connection."""

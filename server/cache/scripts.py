@@ -7,7 +7,19 @@ and lease together, so a load that began before an invalidation can never write 
 
 from __future__ import annotations
 
-LEASE_SUFFIX = ":lease"
+from server.cache.layout import LEASE_SUFFIX
+
+__all__ = ["BUMP_GENERATION", "ERROR_MARK", "FILL", "INVALIDATE", "LEASE", "LEASE_SUFFIX", "RELEASE"]
+
+# Every change a process must hear of (a fill, a released lease, an invalidated key, a new generation)
+# is published on one channel as "<counter> <seq> <kind> <key>". seq comes from a counter in the
+# script's own slot (one counter on a single Redis), so a subscriber that sees a gap in a counter's
+# numbers knows it missed something and flushes what it holds (the near cache).
+_EVENT = """
+local function event(channel, counter, kind, key)
+  redis.call('PUBLISH', channel, counter .. ' ' .. redis.call('INCR', counter) .. ' ' .. kind .. ' ' .. key)
+end
+"""
 ERROR_MARK = "!error"  # a lease value: the last load failed; callers back off until it expires
 
 # The envelope header (see envelope.py), 1-based in Lua: generation is the big-endian u32 at bytes
@@ -23,69 +35,88 @@ local function usable(value, generation, now)
 end
 """
 
-# KEYS[1]: value key, KEYS[2]: lease key, KEYS[3..]: tag sets. ARGV[1]: token, ARGV[2]: lease ms,
-# ARGV[3]: now ms, ARGV[4]: '1' to take a lease even if the value is fresh (refresh, warming),
-# ARGV[5]: the namespace generation the caller read (a value of another generation is not fresh).
-# Returns {'value', bytes} if fresh, {'granted', ''}, {'wait', pttl} or {'error', pttl}.
-# The key joins its tags at lease time, so a tag invalidation during the load voids the lease too.
+# Many requests in one call, so a batch costs one round trip and one command to encode, not one each.
+# KEYS, per request: value key, lease key, then its tag sets. ARGV[1]: lease ms, ARGV[2]: now ms,
+# ARGV[3]: the namespace generation the caller read; then per request: token, force ('1' takes the
+# lease even if the value is fresh: refresh, warming), number of tags.
+# Replies, per request: {'value', bytes} if fresh in this generation, {'granted', ''}, {'wait', pttl}
+# or {'error', pttl}. A key joins its tags at lease time, so a tag invalidation during the load voids
+# the lease too.
 LEASE = (
     _HEADER
     + """
-if ARGV[4] ~= '1' then
-  local value = redis.call('GET', KEYS[1])
-  if value and usable(value, tonumber(ARGV[5]), tonumber(ARGV[3])) then
-    return {'value', value}
+local lease_ms, now, generation = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local replies = {}
+local k = 1
+for a = 4, #ARGV, 3 do
+  local token, force, tags = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+  local key, lease = KEYS[k], KEYS[k + 1]
+  local reply = nil
+  if force ~= '1' then
+    local value = redis.call('GET', key)
+    if value and usable(value, generation, now) then reply = {'value', value} end
   end
-end
-local holder = redis.call('GET', KEYS[2])
-if holder then
-  local kind = 'wait'
-  if holder == '"""
+  if not reply then
+    local holder = redis.call('GET', lease)
+    if holder then
+      local kind = 'wait'
+      if holder == '"""
     + ERROR_MARK
     + """' then kind = 'error' end
-  return {kind, tostring(redis.call('PTTL', KEYS[2]))}
+      reply = {kind, tostring(redis.call('PTTL', lease))}
+    else
+      redis.call('SET', lease, token, 'PX', lease_ms)
+      for i = k + 2, k + 1 + tags do
+        redis.call('SADD', KEYS[i], key)
+        if redis.call('PTTL', KEYS[i]) < lease_ms then redis.call('PEXPIRE', KEYS[i], lease_ms) end
+      end
+      reply = {'granted', ''}
+    end
+  end
+  replies[#replies + 1] = reply
+  k = k + 2 + tags
 end
-redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-local lease_ms = tonumber(ARGV[2])
-for i = 3, #KEYS do
-  redis.call('SADD', KEYS[i], KEYS[1])
-  if redis.call('PTTL', KEYS[i]) < lease_ms then redis.call('PEXPIRE', KEYS[i], lease_ms) end
-end
-return {'granted', ''}
+return replies
 """
 )
 
-# KEYS[1]: value key, KEYS[2]: lease key, KEYS[3..]: tag sets. ARGV[1]: token, ARGV[2]: value,
-# ARGV[3]: TTL ms, ARGV[4]: fill channel. Writes only if the lease still holds the token.
-FILL = """
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
-local ttl = tonumber(ARGV[3])
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ttl)
-redis.call('DEL', KEYS[2])
-for i = 3, #KEYS do
-  redis.call('SADD', KEYS[i], KEYS[1])
-  if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
+# Many fills in one call. KEYS, per fill: value key, lease key, then its tag sets. ARGV[1]: the event
+# channel, ARGV[2]: the event counter; then per fill: token ('' writes without a lease: the plain
+# baseline), value, TTL ms, number of tags. A fill with a token writes only if the lease still holds
+# that token. Replies 1 or 0 per fill.
+FILL = (
+    _EVENT
+    + """
+local channel, events = ARGV[1], ARGV[2]
+local written = {}
+local k = 1
+for a = 3, #ARGV, 4 do
+  local token, value, ttl, tags = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local key, lease = KEYS[k], KEYS[k + 1]
+  local ok = 1
+  if token ~= '' and redis.call('GET', lease) ~= token then ok = 0 end
+  if ok == 1 then
+    redis.call('SET', key, value, 'PX', ttl)
+    for i = k + 2, k + 1 + tags do
+      redis.call('SADD', KEYS[i], key)
+      if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
+    end
+    if token ~= '' then redis.call('DEL', lease) end
+    event(channel, events, 'f', key)
+  end
+  written[#written + 1] = ok
+  k = k + 2 + tags
 end
-redis.call('PUBLISH', ARGV[4], KEYS[1])
-return 1
+return written
 """
-
-# Without leases (the plain cache-aside baseline): KEYS as FILL, ARGV[1]: value, ARGV[2]: TTL ms.
-SET_TAGGED = """
-local ttl = tonumber(ARGV[2])
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
-for i = 2, #KEYS do
-  redis.call('SADD', KEYS[i], KEYS[1])
-  if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
-end
-return 1
-"""
+)
 
 # KEYS[1]: lease key. ARGV[1]: token, ARGV[2]: error ms (0: just release), ARGV[3]: channel,
-# ARGV[4]: value key. A failed load leaves an error mark so other callers do not pile onto a
-# database that just failed; waiters are woken either way.
+# ARGV[4]: value key, ARGV[5]: event counter. A failed load leaves an error mark so other callers do
+# not pile onto a database that just failed; waiters are woken either way.
 RELEASE = (
-    """
+    _EVENT
+    + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 if tonumber(ARGV[2]) > 0 then
   redis.call('SET', KEYS[1], '"""
@@ -94,22 +125,25 @@ if tonumber(ARGV[2]) > 0 then
 else
   redis.call('DEL', KEYS[1])
 end
-redis.call('PUBLISH', ARGV[3], ARGV[4])
+event(ARGV[3], ARGV[5], 'r', ARGV[4])
 return 1
 """
 )
 
 # KEYS[1..n]: keys; KEYS[n+1..]: tag sets whose members go too. ARGV[1]: n, ARGV[2]: lease suffix,
-# ARGV[3]: fill channel. Deletes values and their leases (voiding loads in flight, whose waiters
-# are woken to load again). Returns how many values existed. One script: one request's
-# invalidation is atomic.
-INVALIDATE = """
+# ARGV[3]: event channel, ARGV[4]: event counter. Deletes values and their leases (voiding loads in
+# flight, whose waiters are woken to load again) and tells every process, whose near caches drop
+# the key. Returns how many values existed. One script: one request's invalidation is atomic.
+INVALIDATE = (
+    _EVENT
+    + """
 local n = tonumber(ARGV[1])
 local suffix = ARGV[2]
 local deleted = 0
 local function drop(key)
   deleted = deleted + redis.call('DEL', key)
-  if redis.call('DEL', key .. suffix) == 1 then redis.call('PUBLISH', ARGV[3], '!' .. key) end
+  redis.call('DEL', key .. suffix)
+  event(ARGV[3], ARGV[4], 'i', key)
 end
 for i = 1, n do drop(KEYS[i]) end
 for i = n + 1, #KEYS do
@@ -118,3 +152,15 @@ for i = n + 1, #KEYS do
 end
 return deleted
 """
+)
+
+# KEYS[1]: the generation key. ARGV[1]: event channel, ARGV[2]: event counter. Invalidates
+# everything at once; near caches flush.
+BUMP_GENERATION = (
+    _EVENT
+    + """
+local generation = redis.call('INCR', KEYS[1])
+event(ARGV[1], ARGV[2], 'g', '')
+return generation
+"""
+)

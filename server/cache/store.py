@@ -2,11 +2,14 @@
 
 Every method either answers or raises CacheUnavailable quickly: a Redis fault must never fail a read,
 so the engine turns CacheUnavailable into a database read with `x-cache: bypass`. Keys given to and
-returned by this class are unprefixed; the prefix is added here only.
+returned by this class are the engine's (`post:p1`); where they live in Redis, on one server or on a
+Redis Cluster, is the KeyLayout's business. On a cluster, multi-key work goes in one script call per
+hash slot, in parallel.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -14,20 +17,21 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, TypeVar, cast
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from server.cache import scripts
 from server.cache.breaker import BreakerState, CircuitBreaker
+from server.cache.layout import KeyLayout
 
 _LOGGER = logging.getLogger(__name__)
 _T = TypeVar("_T")
 _Arg = bytes | str | int
 _FAILURE_LOG_INTERVAL_S = 5.0
-FILL_CHANNEL = "fills"
-GENERATION_KEY = "generation"  # bumped to invalidate everything at once
+EVENT_CHANNEL = "events"
 
 
 class CacheUnavailable(Exception):
@@ -83,22 +87,29 @@ class StoreStats:
 
 
 class RedisStore:
-    """Prefixed keys, guarded calls. Construct with `connect`."""
+    """Laid-out keys, guarded calls. Construct with `connect`."""
 
-    def __init__(self, redis: Redis, *, prefix: str, breaker_failures: int, breaker_cooldown_s: float):
+    def __init__(
+        self,
+        redis: Redis | RedisCluster,
+        *,
+        layout: KeyLayout,
+        breaker_failures: int,
+        breaker_cooldown_s: float,
+    ) -> None:
         self.redis = redis
-        self.prefix = prefix
-        self.channel = prefix + FILL_CHANNEL
-        self._generation_key = prefix + GENERATION_KEY
+        self.layout = layout
+        self.prefix = layout.prefix
+        self.channel = layout.prefix + EVENT_CHANNEL
         self.stats = StoreStats()
         self.breaker = CircuitBreaker(
             failure_threshold=breaker_failures, cooldown_s=breaker_cooldown_s, probe=redis.ping
         )
         self._lease = redis.register_script(scripts.LEASE)
         self._fill = redis.register_script(scripts.FILL)
-        self._set_tagged = redis.register_script(scripts.SET_TAGGED)
         self._release = redis.register_script(scripts.RELEASE)
         self._invalidate = redis.register_script(scripts.INVALIDATE)
+        self._bump = redis.register_script(scripts.BUMP_GENERATION)
         self._last_failure_log = 0.0
         self._suppressed_failures = 0
 
@@ -112,21 +123,37 @@ class RedisStore:
         max_connections: int,
         breaker_failures: int,
         breaker_cooldown_ms: int,
+        cluster: bool = False,
     ) -> RedisStore:
-        """A store over a new connection pool; no I/O happens until the first call."""
+        """A store over a new connection pool (or cluster client); no I/O until the first call."""
         timeout_s = timeout_ms / 1000
-        # No retries inside redis-py: a retry doubles the wait on a dead Redis, and the breaker
-        # is the retry policy here.
-        redis = Redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
-            max_connections=max_connections,
-        )
+        redis: Redis | RedisCluster
+        if cluster:
+            # The cluster client follows MOVED and ASK redirects itself, and refreshes its slot map
+            # after a failover; the breaker still guards against a cluster that cannot answer.
+            redis = RedisCluster.from_url(
+                url,
+                socket_timeout=timeout_s,
+                socket_connect_timeout=timeout_s,
+                max_connections=max_connections,
+            )
+        else:
+            # A blocking pool: a burst beyond max_connections waits up to the timeout for a
+            # connection, where the default pool would fail at once and open the breaker on a healthy
+            # Redis. No retries inside redis-py: a retry doubles the wait on a dead Redis, and the
+            # breaker is the retry policy here.
+            pool = BlockingConnectionPool.from_url(
+                url,
+                socket_timeout=timeout_s,
+                socket_connect_timeout=timeout_s,
+                retry=Retry(NoBackoff(), 0),
+                max_connections=max_connections,
+                timeout=timeout_s,
+            )
+            redis = Redis(connection_pool=pool)
         return cls(
             redis,
-            prefix=prefix,
+            layout=KeyLayout(prefix, cluster=cluster),
             breaker_failures=breaker_failures,
             breaker_cooldown_s=breaker_cooldown_ms / 1000,
         )
@@ -138,71 +165,69 @@ class RedisStore:
 
     async def mget(self, keys: Sequence[str]) -> tuple[int, list[bytes | None]]:
         """The namespace generation and the raw values of keys (None where absent), in one round trip."""
-        prefixed = [self._generation_key, *(self.prefix + key for key in keys)]
-        # Without decode_responses the client returns bytes, never str.
-        values = cast(list[bytes | None], await self._guarded(lambda: self.redis.mget(prefixed)))
+        names = [self.layout.generation(), *(self.layout.value(key) for key in keys)]
+
+        async def run() -> list[bytes | None]:
+            if isinstance(self.redis, RedisCluster):
+                return cast(list[bytes | None], await self.redis.mget_nonatomic(names))
+            # Without decode_responses the client returns bytes, never str.
+            return cast(list[bytes | None], await self.redis.mget(names))
+
+        values = await self._guarded(run)
         generation = int(values[0]) if values[0] is not None else await self._first_generation()
         return generation, values[1:]
 
     async def generation(self) -> int:
         """The namespace generation: entries written in another one are ignored."""
-        value = await self._guarded(lambda: self.redis.get(self._generation_key))
+        value = await self._guarded(lambda: self.redis.get(self.layout.generation()))
         return int(value) if value is not None else await self._first_generation()
 
     async def _first_generation(self) -> int:
         # A missing generation (a new Redis, or the key was lost) starts from the clock, never from 0,
         # so entries written under an earlier generation can never come back to life.
-        await self._guarded(lambda: self.redis.set(self._generation_key, int(time.time()), nx=True))
-        return int(await self._guarded(lambda: self.redis.get(self._generation_key)) or 0)
+        key = self.layout.generation()
+        await self._guarded(lambda: self.redis.set(key, int(time.time()), nx=True))
+        return int(await self._guarded(lambda: self.redis.get(key)) or 0)
 
     async def bump_generation(self) -> int:
         """Invalidate every key at once, in O(1): returns the new generation."""
-        return int(await self._guarded(lambda: self.redis.incr(self._generation_key)))
+        key = self.layout.generation()
+        args: list[_Arg] = [self.channel, self.layout.counter(key)]
+        return int(await self._guarded(lambda: self._bump(keys=[key], args=args)))
 
     async def lease(
         self, requests: Sequence[LeaseRequest], *, lease_ms: int, now_ms: int, generation: int
     ) -> list[LeaseResult]:
-        """Ask for many leases in one pipelined round trip."""
+        """Ask for many leases: one script call (one per hash slot on a cluster)."""
 
-        async def run() -> list[Any]:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for request in requests:
-                    key = self.prefix + request.key
-                    keys = [key, key + scripts.LEASE_SUFFIX, *(self.prefix + tag for tag in request.tags)]
-                    args: list[_Arg] = [
-                        request.token,
-                        lease_ms,
-                        now_ms,
-                        "1" if request.force else "0",
-                        generation,
-                    ]
-                    await self._lease(keys=keys, args=args, client=pipe)
-                return await pipe.execute()
+        async def call(group: list[int]) -> list[Any]:
+            keys: list[str] = []
+            args: list[_Arg] = [lease_ms, now_ms, generation]
+            for index in group:
+                request = requests[index]
+                keys += [self.layout.value(request.key), self.layout.lease(request.key)]
+                keys += [self.layout.tag(tag) for tag in request.tags]
+                args += [request.token, "1" if request.force else "0", len(request.tags)]
+            return cast(list[Any], await self._lease(keys=keys, args=args))
 
-        replies = await self._guarded(run)
+        replies = await self._per_slot([request.key for request in requests], call)
         return [_lease_result(reply) for reply in replies]
 
     async def fill(self, fills: Sequence[Fill]) -> list[bool]:
-        """Write values in one pipelined round trip; those with a token only if they still hold it."""
-        if not fills:
-            return []
+        """Write values (one script call per slot); those with a token only if their lease holds it."""
 
-        async def run() -> list[Any]:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for fill in fills:
-                    key = self.prefix + fill.key
-                    tags = [self.prefix + tag for tag in fill.tags]
-                    if fill.token:
-                        keys = [key, key + scripts.LEASE_SUFFIX, *tags]
-                        args: list[_Arg] = [fill.token, fill.value, fill.ttl_ms, self.channel]
-                        await self._fill(keys=keys, args=args, client=pipe)
-                    elif tags:
-                        await self._set_tagged(keys=[key, *tags], args=[fill.value, fill.ttl_ms], client=pipe)
-                    else:
-                        pipe.set(key, fill.value, px=fill.ttl_ms)
-                return await pipe.execute()
+        async def call(group: list[int]) -> list[Any]:
+            keys: list[str] = []
+            first = self.layout.value(fills[group[0]].key)
+            args: list[_Arg] = [self.channel, self.layout.counter(first)]
+            for index in group:
+                fill = fills[index]
+                keys += [self.layout.value(fill.key), self.layout.lease(fill.key)]
+                keys += [self.layout.tag(tag) for tag in fill.tags]
+                args += [fill.token, fill.value, fill.ttl_ms, len(fill.tags)]
+            return cast(list[Any], await self._fill(keys=keys, args=args))
 
-        return [bool(reply) for reply in await self._guarded(run)]
+        return [bool(reply) for reply in await self._per_slot([fill.key for fill in fills], call)]
 
     async def release(self, leases: Sequence[tuple[str, str]], *, error_ms: int) -> None:
         """Give up leases (key, token) after a failed load, leaving an error mark for error_ms."""
@@ -210,30 +235,62 @@ class RedisStore:
             return
 
         async def run() -> None:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for key, token in leases:
-                    prefixed = self.prefix + key
-                    keys = [prefixed + scripts.LEASE_SUFFIX]
-                    await self._release(
-                        keys=keys, args=[token, error_ms, self.channel, prefixed], client=pipe
-                    )
-                await pipe.execute()
+            for key, token in leases:
+                value = self.layout.value(key)
+                args: list[_Arg] = [token, error_ms, self.channel, value, self.layout.counter(value)]
+                await self._release(keys=[self.layout.lease(key)], args=args)
 
         await self._guarded(run)
 
     async def invalidate(self, keys: Sequence[str], tags: Sequence[str]) -> int:
-        """Delete keys, their leases, and every member of the tag sets, atomically; returns values deleted."""
-        all_keys = [self.prefix + key for key in keys] + [self.prefix + tag for tag in tags]
-        if not all_keys:
+        """Delete keys, their leases, and every member of the tag sets; returns the values deleted.
+
+        Atomic on a single Redis; on a cluster, atomic within each hash slot.
+        """
+        groups: dict[int, tuple[list[str], list[str]]] = {}
+        for key in keys:
+            name = self.layout.value(key)
+            groups.setdefault(self.layout.slot(name), ([], []))[0].append(name)
+        for tag in tags:
+            name = self.layout.tag(tag)
+            groups.setdefault(self.layout.slot(name), ([], []))[1].append(name)
+        if not groups:
             return 0
-        args: list[_Arg] = [len(keys), scripts.LEASE_SUFFIX, self.channel]
-        result = await self._guarded(lambda: self._invalidate(keys=all_keys, args=args))
-        return int(result)
+
+        async def call(values: list[str], tag_sets: list[str]) -> int:
+            counter = self.layout.counter((values or tag_sets)[0])
+            args: list[_Arg] = [len(values), scripts.LEASE_SUFFIX, self.channel, counter]
+            return int(await self._invalidate(keys=[*values, *tag_sets], args=args))
+
+        async def run() -> list[int]:
+            return list(await asyncio.gather(*(call(*group) for group in groups.values())))
+
+        return sum(await self._guarded(run))
 
     async def close(self) -> None:
-        """Stop the breaker's probe and close the pool."""
+        """Stop the breaker's probe and close the connections."""
         await self.breaker.close()
         await self.redis.aclose()
+
+    async def _per_slot(
+        self, keys: Sequence[str], call: Callable[[list[int]], Awaitable[list[Any]]]
+    ) -> list[Any]:
+        # Group request indexes by the slot of their value key, run one call per group, and put the
+        # replies back in request order.
+        if not keys:
+            return []
+        groups: dict[int, list[int]] = {}
+        for index, key in enumerate(keys):
+            groups.setdefault(self.layout.slot(self.layout.value(key)), []).append(index)
+
+        async def run() -> list[list[Any]]:
+            return list(await asyncio.gather(*(call(group) for group in groups.values())))
+
+        replies: list[Any] = [None] * len(keys)
+        for group, group_replies in zip(groups.values(), await self._guarded(run), strict=True):
+            for index, reply in zip(group, group_replies, strict=True):
+                replies[index] = reply
+        return replies
 
     async def _guarded(self, call: Callable[[], Awaitable[_T]]) -> _T:
         if not self.breaker.allows():

@@ -44,6 +44,14 @@ class FlightTimeout(Exception):
         self.timeout_s = timeout_s
 
 
+class DatabaseSaturated(Exception):
+    """Every database load slot of this process is taken: the miss is refused at once, not queued."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"all {limit} database load slots of this process are in use")
+        self.limit = limit
+
+
 class RecentLoadFailure(Exception):
     """Another caller's load of this key failed moments ago; we back off instead of piling on."""
 
@@ -64,6 +72,7 @@ class Family:
     load: Loader
     tags: tuple[str, ...] = ()
     xfetch_beta: float = 1.0
+    key_prefix: str = ""  # what every key of the family starts with: where the layout puts them
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +101,7 @@ class EngineStats:
     bypasses: int = 0
     loads: int = 0
     load_failures: int = 0
+    loads_refused: int = 0  # misses refused because every load slot was taken (DatabaseSaturated)
     loads_by_family: dict[str, int] = field(default_factory=dict)
     flight_callers: int = 0  # callers that needed a missing key, each counted once per key
     coalesced: int = 0  # of those, callers that joined a load already in flight in this process

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from server.cache import Family
@@ -25,6 +26,11 @@ class Catalog:
     comments_by_author: Family
 
 
+def families(catalog: Catalog) -> list[Family]:
+    """Every family of the catalog."""
+    return [getattr(catalog, field.name) for field in dataclasses.fields(catalog)]
+
+
 def build_catalog(settings: Settings, queries: Queries) -> Catalog:
     """Families whose tiers come from CACHEASIDE_FAMILY_TIERS."""
 
@@ -38,6 +44,7 @@ def build_catalog(settings: Settings, queries: Queries) -> Catalog:
             load=load,
             tags=tags,
             xfetch_beta=settings.xfetch_beta(tier),
+            key_prefix=prefix,
         )
 
     lists = (keys.POST_LISTS_TAG,)

@@ -1,0 +1,125 @@
+"""The near cache: hits without Redis, and coherent across instances through sequenced cache events."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from client.proto.cacheaside.v1 import cache_service_pb2 as pb
+from server.config import Settings
+from tests.conftest import Running, start_service, stop_service
+from tests.data import add_post, add_user, set_post
+from tests.helpers import call, until
+
+
+async def _admitted(running: Running, post_id: str) -> None:
+    """Read until the post sits in the instance's near cache (the second read admits it)."""
+    near = running.app.engine.near
+    assert near is not None
+    async with asyncio.timeout(10):
+        await running.app.engine.notifier.connected.wait()  # type: ignore[union-attr]
+    for _ in range(3):
+        await call(running.stub.GetPost, pb.GetPostRequest(post_id=post_id))
+    assert near.get(f"post:{post_id}", int(time.time() * 1000)) is not None
+
+
+@pytest.fixture
+async def two(
+    settings: Settings, db_engine: AsyncEngine, redis_client: aioredis.Redis
+) -> AsyncIterator[list[Running]]:
+    """Two instances sharing Redis and the database, each with its own near cache."""
+    await add_user(db_engine, "alice")
+    await add_post(db_engine, "p1", "alice", title="version 1")
+    await add_post(db_engine, "p2", "alice", title="other")
+    instances = [await start_service(settings), await start_service(settings)]
+    yield instances
+    for running in instances:
+        await stop_service(running)
+
+
+async def test_a_near_hit_does_not_ask_redis(two: list[Running]) -> None:
+    first, _ = two
+    await _admitted(first, "p1")
+    attempts = first.app.engine.store.stats.attempts
+    response, meta = await call(first.stub.GetPost, pb.GetPostRequest(post_id="p1"))
+    assert (response.post.title, meta["x-cache"]) == ("version 1", "hit")
+    assert first.app.engine.store.stats.attempts == attempts
+
+
+async def test_another_instances_invalidation_reaches_the_near_cache_at_once(
+    two: list[Running], db_engine: AsyncEngine
+) -> None:
+    reader, writer = two
+    await _admitted(reader, "p1")
+    await _admitted(reader, "p2")
+    near = reader.app.engine.near
+    assert near is not None
+    await set_post(db_engine, "p1", title="version 2")
+    started = time.monotonic()
+    await call(writer.stub.Invalidate, pb.InvalidateRequest(post_ids=["p1"]))
+    await until(lambda: near.get("post:p1", int(time.time() * 1000)) is None, timeout_s=1.0)
+    delay_ms = (time.monotonic() - started) * 1000
+    response, _ = await call(reader.stub.GetPost, pb.GetPostRequest(post_id="p1"))
+    assert response.post.title == "version 2"
+    assert near.get("post:p2", int(time.time() * 1000)) is not None, "only the invalidated key goes"
+    assert delay_ms < 1000
+
+
+async def test_a_gap_in_the_event_sequence_flushes_everything(
+    two: list[Running], redis_client: aioredis.Redis
+) -> None:
+    reader, _ = two
+    await _admitted(reader, "p1")
+    near = reader.app.engine.near
+    assert near is not None
+    flushes = near.stats.flushes
+    counter = reader.prefix + "events:seq"
+    sequence = int(await redis_client.get(counter) or 0)
+    # An event numbered past the next one: the ones between were lost on the way.
+    await redis_client.publish(
+        reader.prefix + "events", f"{counter} {sequence + 5} f {reader.prefix}post:unrelated"
+    )
+    await until(lambda: near.stats.flushes > flushes)
+    assert len(near) == 0
+    assert reader.app.engine.notifier.gaps == 1  # type: ignore[union-attr]
+
+
+async def test_a_lost_event_connection_flushes_and_stops_near_hits_until_it_is_back(
+    two: list[Running], redis_client: aioredis.Redis
+) -> None:
+    reader, _ = two
+    await _admitted(reader, "p1")
+    near = reader.app.engine.near
+    notifier = reader.app.engine.notifier
+    assert near is not None
+    assert notifier is not None
+    name = f"cacheaside-events:{reader.prefix}"
+    ours = [
+        client["id"] for client in await redis_client.client_list(_type="pubsub") if client["name"] == name
+    ]
+    assert ours
+    for client_id in ours:
+        await redis_client.client_kill_filter(_id=client_id)
+    await until(lambda: not notifier.connected.is_set())
+    assert len(near) == 0
+    attempts = reader.app.engine.store.stats.attempts
+    await call(reader.stub.GetPost, pb.GetPostRequest(post_id="p1"))
+    assert reader.app.engine.store.stats.attempts > attempts, "no near hits while events are not heard"
+    async with asyncio.timeout(10):
+        await notifier.connected.wait()
+
+
+async def test_invalidate_everything_flushes_every_instances_near_cache(two: list[Running]) -> None:
+    reader, writer = two
+    await _admitted(reader, "p1")
+    near = reader.app.engine.near
+    assert near is not None
+    flushes = near.stats.flushes
+    await call(writer.stub.Invalidate, pb.InvalidateRequest(everything=True))
+    await until(lambda: near.stats.flushes > flushes, timeout_s=1.0)
+    assert len(near) == 0
