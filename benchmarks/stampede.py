@@ -48,7 +48,10 @@ async def _round(
 async def _measure(
     base: Settings, *, leases: bool, instances: int, callers: int, rounds: int, load_ms: float
 ) -> list[int]:
-    settings = base.model_copy(update={"leases": leases, "key_prefix": f"bench-{uuid.uuid4().hex[:8]}"})
+    # No load slots in either mode: the baseline is the seed's cache-aside, where every miss loads, and
+    # slots would refuse the herd's loads instead of counting them.
+    update = {"leases": leases, "max_concurrent_loads": 0, "key_prefix": f"bench-{uuid.uuid4().hex[:8]}"}
+    settings = base.model_copy(update=update)
     processes = [ServerProcess(settings, extra_load_ms=load_ms) for _ in range(instances)]
     channels = [grpc.aio.insecure_channel(process.target) for process in processes]
     stubs = [pb_grpc.CacheServiceStub(channel) for channel in channels]
