@@ -76,7 +76,7 @@ class Settings(BaseSettings):
     metrics_listen: str = ""
     log_format: Literal["json", "text"] = "json"
     workers: int = Field(default=1, ge=1, le=64)
-    event_loop: Literal["asyncio", "uvloop"] = "asyncio"
+    event_loop: Literal["asyncio", "uvloop"] = "uvloop"
     admin_token: SecretStr = SecretStr("")
     read_token: SecretStr = SecretStr("")
     tls_cert_file: str = ""
