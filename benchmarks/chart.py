@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,13 +29,13 @@ def draw(path: Path, names: Sequence[str], summary: dict[str, dict[str, Any]], t
     left.set_yticks(list(rows), names)
     left.invert_yaxis()
     left.set_xlabel("calls per second (median, min-max)")
-    for row, value in zip(rows, medians, strict=True):
-        left.text(value, row, f" {value:,.0f}", va="center", fontsize=8)
+    for row, value, spread in zip(rows, medians, rate, strict=True):
+        left.text(spread["max"], row, f"  {value:,.0f}", va="center", fontsize=8)  # past the whisker
     right.barh(rows, cpu, color="#DD8452")
     right.set_xlabel("server CPU per call, microseconds (median)")
     for row, value in zip(rows, cpu, strict=True):
         right.text(value, row, f" {value:,.0f}", va="center", fontsize=8)
-    figure.suptitle(title, fontsize=9)
+    figure.suptitle(textwrap.fill(title, 150), fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

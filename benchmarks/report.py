@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from benchmarks.scenarios import Scenario
+from benchmarks.scenarios import LOOP, OTHER_LOOP, Scenario
 from benchmarks.stats import spread
 
 MEASURES = (
@@ -36,10 +36,10 @@ class Ratio:
 
 
 RATIOS = (
-    Ratio("cache hit / no-op ceiling, grpc.aio asyncio", "hit", "noop", goal=0.95),
-    Ratio("Redis hit (near cache off) / no-op ceiling, grpc.aio asyncio", "hit-redis", "noop"),
+    Ratio(f"cache hit / no-op ceiling, grpc.aio {LOOP}", "hit", "noop", goal=0.95),
+    Ratio(f"Redis hit (near cache off) / no-op ceiling, grpc.aio {LOOP}", "hit-redis", "noop"),
     Ratio("near-cache hit / Redis hit", "hit", "hit-redis"),
-    Ratio("cache hit / no-op ceiling, grpc.aio uvloop", "hit-uvloop", "noop-uvloop", goal=0.95),
+    Ratio(f"cache hit / no-op ceiling, grpc.aio {OTHER_LOOP}", f"hit-{OTHER_LOOP}", f"noop-{OTHER_LOOP}"),
     Ratio("cache hit / no-op ceiling, sync grpcio (bench server)", "hit-sync", "noop-sync"),
     Ratio("cache hit / uncached database (miss)", "hit", "miss", goal=3.0),
     Ratio(
@@ -53,10 +53,10 @@ RATIOS = (
     Ratio("2 workers on 2 cores / 1 worker on 1 core", "hit-2w-2cpu", "hit", goal=1.8),
     Ratio("2 workers on 2 cores / 1 worker on 2 cores", "hit-2w-2cpu", "hit-1w-2cpu"),
     Ratio("2 workers on 1 core / 1 worker on 1 core", "hit-2w-1cpu", "hit"),
-    Ratio("uvloop / asyncio, hit", "hit-uvloop", "hit"),
-    Ratio("uvloop / asyncio, miss", "miss-uvloop", "miss"),
-    Ratio("uvloop / asyncio, BatchGetPosts(100)", "batch100-uvloop", "batch100"),
-    Ratio("uvloop / asyncio, no-op", "noop-uvloop", "noop"),
+    Ratio(f"{LOOP} / {OTHER_LOOP}, hit", "hit", f"hit-{OTHER_LOOP}"),
+    Ratio(f"{LOOP} / {OTHER_LOOP}, miss", "miss", f"miss-{OTHER_LOOP}"),
+    Ratio(f"{LOOP} / {OTHER_LOOP}, BatchGetPosts(100)", "batch100", f"batch100-{OTHER_LOOP}"),
+    Ratio(f"{LOOP} / {OTHER_LOOP}, no-op", "noop", f"noop-{OTHER_LOOP}"),
     Ratio("sync grpcio / grpc.aio, same bare Redis hit", "hit-sync", "hit-bare-aio"),
     Ratio("sync grpcio / grpc.aio, same bare BatchGetPosts(100)", "batch100-sync", "batch100-bare-aio"),
     Ratio("sync grpcio / grpc.aio, no-op", "noop-sync", "noop"),

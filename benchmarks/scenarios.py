@@ -16,6 +16,7 @@ import grpc
 
 from benchmarks.servers import ServerSpec, module, product
 from client.proto.cacheaside.v1 import cache_service_pb2 as pb
+from server.config import Settings
 from server.seed import post_id
 
 GET_POST = "/cacheaside.v1.CacheService/GetPost"
@@ -26,6 +27,9 @@ HOT_POST = post_id(1)
 BATCH_IDS = [post_id(n) for n in range(100, 200)]
 SERVER_CPU = "1"  # the server's core; the load generator gets core 0
 LOAD_CPU = "0"
+# The product rows run its default event loop; the `-{OTHER_LOOP}` rows the other one, for comparison.
+LOOP: str = Settings.model_fields["event_loop"].default
+OTHER_LOOP = "asyncio" if LOOP == "uvloop" else "uvloop"
 
 
 class CheckFailed(RuntimeError):
@@ -72,17 +76,25 @@ def scenarios() -> list[Scenario]:
         ),
         Scenario("noop", "noop-aio", "no-op handler (ceiling)", body=_HIT, prepare="noop"),
         Scenario("noop-keyed", "noop-aio", "no-op, keyed generator", keyed="hit", prepare="noop"),
-        Scenario("hit-uvloop", "aio-uvloop", "GetPost, warmed key", body=_HIT),
-        Scenario("miss-uvloop", "aio-uvloop", "GetPost, new key each call", keyed="miss", prepare="miss"),
+        Scenario(f"hit-{OTHER_LOOP}", f"aio-{OTHER_LOOP}", "GetPost, warmed key (near cache)", body=_HIT),
         Scenario(
-            "batch100-uvloop",
-            "aio-uvloop",
+            f"miss-{OTHER_LOOP}",
+            f"aio-{OTHER_LOOP}",
+            "GetPost, new key each call",
+            keyed="miss",
+            prepare="miss",
+        ),
+        Scenario(
+            f"batch100-{OTHER_LOOP}",
+            f"aio-{OTHER_LOOP}",
             "BatchGetPosts(100)",
             path=BATCH_GET_POSTS,
             body=_BATCH,
             items=100,
         ),
-        Scenario("noop-uvloop", "noop-uvloop", "no-op handler (ceiling)", body=_HIT, prepare="noop"),
+        Scenario(
+            f"noop-{OTHER_LOOP}", f"noop-{OTHER_LOOP}", "no-op handler (ceiling)", body=_HIT, prepare="noop"
+        ),
         Scenario(
             "hit-bare-aio", "bare-aio", "GetPost, one Redis MGET", body=_HIT, prepare="twin", compare_to="aio"
         ),
@@ -118,7 +130,7 @@ def server_specs(env: Mapping[str, str], run_id: str, down_redis_url: str) -> di
     """Every server configuration; `env` holds the database, Redis and warming settings."""
 
     def aio(
-        name: str, *, loop: str = "asyncio", cpus: str = SERVER_CPU, workers: int = 1, **more: str
+        name: str, *, loop: str = LOOP, cpus: str = SERVER_CPU, workers: int = 1, **more: str
     ) -> ServerSpec:
         own = {**env, "CACHEASIDE_KEY_PREFIX": f"bench-{run_id}-{name}", "CACHEASIDE_EVENT_LOOP": loop}
         return product(name, own | more, cpus=cpus, workers=workers)
@@ -127,15 +139,20 @@ def server_specs(env: Mapping[str, str], run_id: str, down_redis_url: str) -> di
     specs = [
         aio("aio"),
         aio("aio-l2", CACHEASIDE_NEAR_CACHE_ENTRIES="0"),  # every hit reads Redis
-        aio("aio-uvloop", loop="uvloop"),
-        product(
-            "aio-redis-down",
-            {**env, "CACHEASIDE_REDIS_URL": down_redis_url, "CACHEASIDE_KEY_PREFIX": f"bench-{run_id}-down"},
+        aio(f"aio-{OTHER_LOOP}", loop=OTHER_LOOP),
+        aio("aio-redis-down", CACHEASIDE_REDIS_URL=down_redis_url),
+        module("noop-aio", "benchmarks.aio_server", "--loop", LOOP, cpus=SERVER_CPU),
+        module(f"noop-{OTHER_LOOP}", "benchmarks.aio_server", "--loop", OTHER_LOOP, cpus=SERVER_CPU),
+        module(
+            "bare-aio",
+            "benchmarks.aio_server",
+            "--loop",
+            LOOP,
+            "--mode",
+            "redis",
+            *sync_args,
             cpus=SERVER_CPU,
         ),
-        module("noop-aio", "benchmarks.aio_server", "--loop", "asyncio", cpus=SERVER_CPU),
-        module("noop-uvloop", "benchmarks.aio_server", "--loop", "uvloop", cpus=SERVER_CPU),
-        module("bare-aio", "benchmarks.aio_server", "--mode", "redis", *sync_args, cpus=SERVER_CPU),
         module("sync", "benchmarks.sync_server", *sync_args, cpus=SERVER_CPU),
         module("noop-sync", "benchmarks.sync_server", "--mode", "noop", cpus=SERVER_CPU),
         aio("aio-2w-1cpu", workers=2),
