@@ -40,7 +40,7 @@ test: install node-deps bench-deps
 bench-deps:
 	@bash scripts/ensure_h2load.sh
 
-# The benchmark suite (about 8 minutes): the table, ratios, JSON and PNG in benchmarks/results/.
+# The benchmark suite (about 6 minutes): the table, ratios, JSON and PNG in benchmarks/results/.
 bench: install bench-deps
 	@bash scripts/ensure_services.sh
 	$(BIN)/python -m benchmarks.suite
