@@ -8,7 +8,7 @@ DEMO_DATABASE_URL ?= sqlite+aiosqlite:///./cacheaside.db
 NODE_DIR := examples/node
 NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 
-.PHONY: install node-deps run test bench lint format proto proto-check clean
+.PHONY: install node-deps run test bench soak lint format proto proto-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ bench: install
 	$(BIN)/python -m benchmarks.invalidation_lag
 	$(BIN)/python -m benchmarks.near_coherence
 	$(BIN)/python -m benchmarks.warm_impact
+
+# Ten minutes of mixed load under a chaos schedule, then the checks (`--minutes 2`: pytest -m soak).
+soak: install
+	$(BIN)/python -m benchmarks.soak --minutes $${SOAK_MINUTES:-10}
 
 lint: install
 	$(BIN)/ruff check .
