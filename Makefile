@@ -8,7 +8,7 @@ DEMO_DATABASE_URL ?= sqlite+aiosqlite:///./cacheaside.db
 NODE_DIR := examples/node
 NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 
-.PHONY: install node-deps run test bench bench-deps lint format proto proto-check clean
+.PHONY: install node-deps run test bench bench-deps soak lint format proto proto-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ bench-deps:
 bench: install bench-deps
 	@bash scripts/ensure_services.sh
 	$(BIN)/python -m benchmarks.suite
+
+# Ten minutes of mixed load under a chaos schedule, then the checks (`--minutes 2`: pytest -m soak).
+soak: install
+	$(BIN)/python -m benchmarks.soak --minutes $${SOAK_MINUTES:-10}
 
 lint: install
 	$(BIN)/ruff check .

@@ -3,7 +3,9 @@
 Everything is real and private to the run: a redis-server and a PostgreSQL (initdb'd in a temporary
 folder), each behind a TCP proxy the soak controls, and the service in a child process. Readers send
 GetPost and BatchGetPosts at about 70% of the capacity measured first; writers commit new versions
-of posts straight to PostgreSQL (as other services would) and then call Invalidate. The chaos
+of posts straight to PostgreSQL (as other services would) and then call Invalidate. Capacity is what
+the service sustains in its slowest mode, serving every read from the database while Redis is away,
+since the chaos puts it there; the readers then run for a while before the baseline is taken. The chaos
 schedule freezes Redis (SIGSTOP) for 5 s, kills and restarts it, adds 200 ms of latency to Redis and
 then to PostgreSQL, cuts the service's PostgreSQL connections, and restarts PostgreSQL. At the end it
 prints and checks: failed reads (only UNAVAILABLE while PostgreSQL was down, cut off, or 200 ms slow is
@@ -268,18 +270,26 @@ async def main(argv: list[str] | None = None, *, log: Callable[[str], None] = pr
         try:
             async with grpc.aio.insecure_channel(server.target) as channel:
                 stub = pb_grpc.CacheServiceStub(channel)
-                capacity = await _capacity(stub)
+                hits = await _capacity(stub)
+                assert redis_server._process is not None
+                os.kill(redis_server._process.pid, signal.SIGSTOP)  # the breaker opens: reads bypass
+                try:
+                    bypass = await _capacity(stub)
+                finally:
+                    os.kill(redis_server._process.pid, signal.SIGCONT)
+                capacity = min(hits, bypass)
                 rate = 0.7 * capacity
-                log(f"capacity {capacity:.0f} reads/s; soaking at {rate:.0f}/s for {args.minutes:g} minutes")
-                await asyncio.sleep(1)
-                baseline = _process_figures(server.pid)
-                peak_rss = baseline[0]
+                log(f"capacity {hits:.0f} reads/s from the cache, {bypass:.0f} bypassing it")
+                log(f"soaking at {rate:.0f}/s for {args.minutes:g} minutes")
                 stop = asyncio.Event()
-                tally.started = time.monotonic()
                 work = [
                     asyncio.create_task(_readers(stub, tally, rate, stop)),
                     asyncio.create_task(_writers(stub, direct, tally, stop)),
                 ]
+                await asyncio.sleep(10)  # steady state before the baseline: pools, caches, arenas
+                baseline = _process_figures(server.pid)
+                peak_rss = baseline[0]
+                tally.started = time.monotonic()
                 chaos = asyncio.create_task(
                     _chaos(args.minutes, redis_server, redis_proxy, postgres, postgres_proxy, tally, log)
                 )
@@ -308,6 +318,7 @@ async def main(argv: list[str] | None = None, *, log: Callable[[str], None] = pr
     }
     report = {
         "minutes": args.minutes,
+        "capacity_per_s": {"hits": round(hits), "bypass": round(bypass)},
         "read_rate_per_s": round(rate),
         "reads": tally.reads,
         "outcomes": tally.outcomes,

@@ -92,6 +92,7 @@ async def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch", type=int, default=None, help="CACHEASIDE_WARM_BATCH for this run")
     parser.add_argument("--rate", type=float, default=None, help="CACHEASIDE_WARM_RATE_PER_S for this run")
     parser.add_argument("--concurrency", type=int, default=None, help="CACHEASIDE_WARM_CONCURRENCY")
+    parser.add_argument("--set", action="append", default=[], help="another setting for this run: name=value")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch, bench_redis_url() as redis_url:
         async with bench_database(scratch) as (database_url, schema):
@@ -109,7 +110,9 @@ async def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "warm_rate_per_s": args.rate,
                 "warm_concurrency": args.concurrency,
             }
-            settings = settings.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+            chosen = {k: v for k, v in overrides.items() if v is not None}
+            chosen |= dict(item.split("=", 1) for item in args.set)
+            settings = Settings(**{**settings.model_dump(), **chosen})  # validated, as from the environment
             engine = db.create_engine(settings)
             await seed(
                 engine, SeedCounts(users=1000, posts=int(args.warm_keys * 1.25), comments=0), progress=False

@@ -159,6 +159,7 @@ def create_app(
         jitter_pct=settings.ttl_jitter_pct,
         error_backoff_ms=settings.db_error_backoff_ms,
         max_concurrent_loads=settings.max_concurrent_loads,
+        load_queue_ms=settings.load_queue_ms,
     )
     database = db.create_engine(settings)
     queries = Queries(database)

@@ -137,6 +137,9 @@ def settings(database: Database, redis_url: str) -> Settings:
         listen="127.0.0.1:0",
         warm_on_start=False,
         auto_invalidate=False,  # tests of automatic invalidation turn it on
+        # A busy machine can stall a healthy Redis past the 100 ms default; tests of Redis faults
+        # set their own, short timeouts.
+        redis_timeout_ms=1000,
         shutdown_grace_s=0,
     )
 

@@ -43,6 +43,7 @@ class CacheEngine:
         jitter_pct: float = 0.0,
         error_backoff_ms: int = 1000,
         max_concurrent_loads: int = 0,
+        load_queue_ms: int = 0,
     ) -> None:
         self.store = store
         self.notifier = notifier
@@ -53,7 +54,11 @@ class CacheEngine:
         self.random: Callable[[], float] = random.random
         self.leases = leases
         self._loading = Loading(
-            self.stats, self.hooks, timeout_s=load_timeout_s, max_concurrent=max_concurrent_loads
+            self.stats,
+            self.hooks,
+            timeout_s=load_timeout_s,
+            max_concurrent=max_concurrent_loads,
+            queue_s=load_queue_ms / 1000,
         )
         self._ttl = TtlPolicy(
             negative_ttl_ms=negative_ttl_s * 1000, max_stale_ms=max_stale_s * 1000, jitter=jitter_pct / 100

@@ -57,9 +57,10 @@ class TtlPolicy:
 class LoadSlots:
     """At most `limit` database queries of loads at once in this process (0: no limit).
 
-    A miss that finds no free slot is refused at once (`take`): queueing it would only add to a
-    database that is already saturated, and make every caller wait. Warming, which has its own
-    concurrency bound, may wait for a slot instead (`wait_and_take`); live misses never wait.
+    A miss that finds no free slot waits a short, bounded time for one (`take_within`) and is then
+    refused: a burst is absorbed, but queueing without end would only add to a database that is
+    already saturated, and make every caller wait. Warming, which has its own concurrency bound, may
+    wait as long as it takes (`wait_and_take`).
     """
 
     def __init__(self, limit: int) -> None:
@@ -78,6 +79,20 @@ class LoadSlots:
             raise DatabaseSaturated(self.limit)
         self.in_use += need
         return need
+
+    async def take_within(self, queries: int, wait_s: float) -> int:
+        """Take slots, waiting at most wait_s for them; then DatabaseSaturated."""
+        try:
+            return self.take(queries)
+        except DatabaseSaturated:
+            if wait_s <= 0:
+                raise
+        try:
+            async with asyncio.timeout(wait_s):
+                await self.wait_for_room(queries)
+        except TimeoutError:
+            raise DatabaseSaturated(self.limit) from None
+        return self.take(queries)
 
     async def wait_for_room(self, queries: int) -> None:
         """Wait until a load of `queries` queries would get its slots (without taking them)."""
@@ -107,11 +122,18 @@ class Loading:
     """Runs loaders with a timeout, one query per family, within the load slots, and counts them."""
 
     def __init__(
-        self, stats: EngineStats, hooks: EngineHooks, *, timeout_s: float, max_concurrent: int = 0
+        self,
+        stats: EngineStats,
+        hooks: EngineHooks,
+        *,
+        timeout_s: float,
+        max_concurrent: int = 0,
+        queue_s: float = 0.0,
     ) -> None:
         self._stats = stats
         self._hooks = hooks
         self.timeout_s = timeout_s
+        self.queue_s = queue_s
         self.slots = LoadSlots(max_concurrent)
 
     async def load(self, lookups: Sequence[Lookup], *, wait_for_slot: bool = False) -> tuple[Loaded, int]:
@@ -128,7 +150,7 @@ class Loading:
             taken = await self.slots.wait_and_take(len(families))
         else:
             try:
-                taken = self.slots.take(len(families))
+                taken = await self.slots.take_within(len(families), self.queue_s)
             except DatabaseSaturated:
                 self._stats.loads_refused += 1
                 raise
