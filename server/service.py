@@ -138,9 +138,15 @@ class CacheService:
                     item_id for (_, item_id), p in zip(plan.lookups, payloads, strict=True) if p is None
                 ]
                 raise NotFound(_not_found_message(plan.subject, missing))
-            await context.send_initial_metadata(
-                (("x-cache", fetched.outcome.value), ("x-cache-tier", plan.lookups[0][0].tier))
-            )
+            try:
+                await context.send_initial_metadata(
+                    (("x-cache", fetched.outcome.value), ("x-cache-tier", plan.lookups[0][0].tier))
+                )
+            except Exception:
+                if context.done() or context.cancelled():
+                    # The caller left while we answered: a cancellation, not a server error.
+                    raise asyncio.CancelledError from None
+                raise
             return plan.build(payloads)  # type: ignore[arg-type]  # no None left: checked above
 
         return _guarded(handle)
