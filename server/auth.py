@@ -58,9 +58,14 @@ class AuthInterceptor(_Interceptor):
 
 
 def _bearer(metadata: Sequence[tuple[str, str | bytes]]) -> bytes | None:
-    for key, value in metadata:
-        if key == "authorization" and isinstance(value, str) and value[: len(_SCHEME)].lower() == _SCHEME:
-            return value[len(_SCHEME) :].strip().encode()
+    # Exactly one authorization entry: with several, which one a proxy or a client meant is a guess,
+    # and picking whichever is valid would let a forged header ride along with a real one.
+    values = [value for key, value in metadata if key == "authorization"]
+    if len(values) != 1:
+        return b"" if values else None  # b"": present but unusable, so INVALID_TOKEN
+    value = values[0]
+    if isinstance(value, str) and value[: len(_SCHEME)].lower() == _SCHEME:
+        return value[len(_SCHEME) :].strip().encode()
     return None
 
 
