@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
 
 import redis
 from sqlalchemy import text
@@ -15,6 +18,7 @@ from server.config import Settings
 from server.embedded_redis import EmbeddedRedis
 from server.migrate import upgrade
 
+RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_POSTGRES_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 
@@ -54,3 +58,9 @@ async def bench_database(scratch: str) -> AsyncIterator[tuple[str, str]]:
         async with engine.begin() as connection:
             await connection.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
         await engine.dispose()
+
+
+def save_result(name: str, report: dict[str, Any]) -> None:
+    """Write a benchmark's report to benchmarks/results/<name>.json."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")

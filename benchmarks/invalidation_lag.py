@@ -9,22 +9,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import platform
 import tempfile
 import uuid
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import text
 
-from benchmarks.environment import bench_database, bench_redis_url
+from benchmarks.environment import bench_database, bench_redis_url, save_result
 from server import db
 from server.app import create_app
 from server.config import Settings
 from server.seed import SeedCounts, seed
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 async def main(argv: list[str] | None = None) -> dict[str, Any] | None:
@@ -78,8 +74,7 @@ async def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                 await engine.dispose()
     print(f"commit-to-invalidation lag over {args.writes} writes (PostgreSQL outbox, LISTEN/NOTIFY):")
     print(f"p50 {report['p50_ms']:.2f} ms, p99 {report['p99_ms']:.2f} ms, max {report['max_ms']:.2f} ms")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "invalidation_lag.json").write_text(json.dumps(report, indent=2) + "\n")
+    save_result("invalidation_lag", report)
     return report
 
 

@@ -10,30 +10,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import platform
 import tempfile
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import grpc
 
-from benchmarks.environment import bench_database, bench_redis_url
+from benchmarks.environment import bench_database, bench_redis_url, save_result
+from benchmarks.stats import percentile
 from client.proto.cacheaside.v1 import cache_service_pb2 as pb
 from client.proto.cacheaside.v1 import cache_service_pb2_grpc as pb_grpc
 from server import db
 from server.config import Settings
 from server.seed import SeedCounts, post_id, seed
 from tests.procs import ServerProcess
-
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _percentile(values: list[float], percentile: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * percentile / 100))]
 
 
 async def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -82,14 +74,13 @@ async def main(argv: list[str] | None = None) -> dict[str, Any]:
         "scenario": "near-cache coherence delay",
         "machine": f"{platform.machine()}, Python {platform.python_version()}",
         "rounds": args.rounds,
-        "p50_ms": _percentile(delays, 50),
-        "p99_ms": _percentile(delays, 99),
+        "p50_ms": percentile(sorted(delays), 50),
+        "p99_ms": percentile(sorted(delays), 99),
         "max_ms": max(delays),
     }
     print(f"near-cache coherence: Invalidate on one process to the drop in another, {args.rounds} rounds:")
     print(f"p50 {report['p50_ms']:.2f} ms, p99 {report['p99_ms']:.2f} ms, max {report['max_ms']:.2f} ms")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "near_coherence.json").write_text(json.dumps(report, indent=2) + "\n")
+    save_result("near_coherence", report)
     return report
 
 

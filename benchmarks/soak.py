@@ -27,13 +27,13 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grpc
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
+from benchmarks.environment import save_result
 from client.proto.cacheaside.v1 import cache_service_pb2 as pb
 from client.proto.cacheaside.v1 import cache_service_pb2_grpc as pb_grpc
 from server import db
@@ -45,7 +45,6 @@ from tests.private_postgres import PrivatePostgres, private_postgres
 from tests.procs import ServerProcess
 from tests.tcp_proxy import ProxyMode, TcpProxy
 
-RESULTS = Path(__file__).resolve().parent / "results"
 POSTS = 500
 
 
@@ -338,8 +337,7 @@ async def main(argv: list[str] | None = None, *, log: Callable[[str], None] = pr
     log(json.dumps({k: v for k, v in report.items() if not k.endswith("examples")}, indent=2))
     for name, held in checks.items():
         log(f"{'ok  ' if held else 'FAIL'} {name}")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "soak.json").write_text(json.dumps(report, indent=2) + "\n")
+    save_result("soak", report)
     return report
 
 

@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import platform
-import statistics
 import tempfile
 import uuid
-from pathlib import Path
 from typing import Any
 
 import grpc
 import redis.asyncio as aioredis
 
-from benchmarks.environment import bench_database, bench_redis_url
+from benchmarks.environment import bench_database, bench_redis_url, save_result
+from benchmarks.stats import spread
 from client.proto.cacheaside.v1 import cache_service_pb2 as pb
 from client.proto.cacheaside.v1 import cache_service_pb2_grpc as pb_grpc
 from server import db
@@ -28,8 +26,6 @@ from server.config import Settings
 from server.domain.keys import key_prefix
 from server.seed import SeedCounts, seed
 from tests.procs import ServerProcess
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 async def _round(
@@ -107,7 +103,7 @@ async def main(argv: list[str] | None = None) -> dict[str, Any]:
                         load_ms=args.load_ms,
                     )
                 )
-    summary = {name: _summary(values) for name, values in results.items()}
+    summary = {name: spread(values) for name, values in results.items()}
     ratio = summary["no leases"]["median"] / max(summary["leases"]["median"], 1)
     report = {
         "scenario": "hot-key stampede",
@@ -128,13 +124,8 @@ async def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, values in summary.items():
         print(f"{name:<10} {values['median']:>20.1f} {values['min']:>4}-{values['max']:<5}")
     print(f"ratio: without leases {ratio:.0f}x the database loads of with leases (target: <= 1 with leases)")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "stampede.json").write_text(json.dumps(report, indent=2) + "\n")
+    save_result("stampede", report)
     return report
-
-
-def _summary(values: list[int]) -> dict[str, Any]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 if __name__ == "__main__":

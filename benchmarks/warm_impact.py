@@ -11,32 +11,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import platform
 import random
 import statistics
 import tempfile
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import grpc
 
-from benchmarks.environment import bench_database, bench_redis_url
+from benchmarks.environment import bench_database, bench_redis_url, save_result
+from benchmarks.stats import percentile
 from client.proto.cacheaside.v1 import cache_service_pb2 as pb
 from client.proto.cacheaside.v1 import cache_service_pb2_grpc as pb_grpc
 from server import db
 from server.config import Settings
 from server.seed import SeedCounts, post_id, seed
 from tests.procs import ServerProcess
-
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _percentile(values: list[float], percentile: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * percentile / 100))]
 
 
 async def _readers(stub: Any, keys: list[str], rate_per_s: float, stop: asyncio.Event) -> list[float]:
@@ -78,8 +70,8 @@ async def _phase(
         "warm_keys": warm,
         "seconds": time.perf_counter() - started,
         "reads": len(latencies),
-        "p50_ms": _percentile(latencies, 50),
-        "p99_ms": _percentile(latencies, 99),
+        "p50_ms": percentile(sorted(latencies), 50),
+        "p99_ms": percentile(sorted(latencies), 99),
     }
 
 
@@ -159,8 +151,7 @@ async def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(
         f"ratio: p99 during warm / p99 without = {ratio:.2f} (median of {args.rounds} rounds; target <= 1.20)"
     )
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "warm_impact.json").write_text(json.dumps(report, indent=2) + "\n")
+    save_result("warm_impact", report)
     return report
 
 
