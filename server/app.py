@@ -252,6 +252,7 @@ def create_app(
             poll_interval_s=settings.outbox_poll_ms / 1000,
             batch_size=settings.outbox_batch,
         )
+        metrics.watch_invalidator(invalidator)
     return App(
         server=server,
         port=port,

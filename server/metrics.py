@@ -30,6 +30,7 @@ from server.cache import CacheEngine, Outcome
 from server.cache.breaker import BreakerState
 from server.cache.types import Loader
 from server.domain.catalog import Catalog, families
+from server.invalidator import OutboxInvalidator
 from server.warming import WarmResult
 
 # Latency buckets from a cache hit (sub-millisecond) to a database load near its timeout.
@@ -121,6 +122,10 @@ class Metrics:
     def watch_engine(self, engine: CacheEngine) -> None:
         """Report the engine's own counters (fetches, Redis calls, breaker) at every scrape."""
         self.registry.register(_EngineCollector(engine))
+
+    def watch_invalidator(self, invalidator: OutboxInvalidator) -> None:
+        """Report automatic invalidation: changes, reconnections, and the commit-to-invalidation lag."""
+        self.registry.register(_InvalidatorCollector(invalidator))
 
     def watch_audit(self, stats: AuditStats) -> None:
         """Report the consistency audit's findings at every scrape."""
@@ -262,6 +267,53 @@ class _EngineCollector(Collector):
             "How many times the Redis circuit breaker opened.",
             value=store.breaker.opened_count,
         )
+        near = self._engine.near
+        if near is not None:
+            events = CounterMetricFamily(
+                "cacheaside_near_cache",
+                "Near cache (L1): hits answered without Redis, entries admitted, dropped by an event, "
+                "evicted for room, and whole flushes (new generation, missed events, lost connection).",
+                labels=["event"],
+            )
+            for event in ("hits", "admitted", "dropped", "evicted", "flushes"):
+                events.add_metric([event], getattr(near.stats, event))
+            yield events
+            yield GaugeMetricFamily(
+                "cacheaside_near_cache_entries", "Entries in the near cache.", value=len(near)
+            )
+
+
+class _InvalidatorCollector(Collector):
+    def __init__(self, invalidator: OutboxInvalidator) -> None:
+        self._invalidator = invalidator
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        stats = self._invalidator.stats
+        yield CounterMetricFamily(
+            "cacheaside_outbox_changes",
+            "Committed row changes invalidated from the outbox.",
+            value=stats.changes,
+        )
+        yield CounterMetricFamily(
+            "cacheaside_outbox_connects",
+            "Connections the outbox listener made (more than one: it reconnected and replayed).",
+            value=stats.connects,
+        )
+        yield GaugeMetricFamily(
+            "cacheaside_outbox_connected",
+            "1 while the outbox listener is connected to PostgreSQL, else 0.",
+            value=1 if self._invalidator.connected.is_set() else 0,
+        )
+        lag = GaugeMetricFamily(
+            "cacheaside_invalidation_lag_ms",
+            "Recent lag from a committed write to its invalidation in Redis, by PostgreSQL's clock.",
+            labels=["quantile"],
+        )
+        for quantile in (50, 99):
+            value = stats.lag_percentile_ms(quantile)
+            if value is not None:
+                lag.add_metric([f"0.{quantile}"], value)
+        yield lag
 
 
 class _AuditCollector(Collector):

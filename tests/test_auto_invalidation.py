@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client import generate_latest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -293,6 +294,9 @@ async def test_the_lag_from_commit_to_invalidation_is_measured(auto: Running, db
     lag = invalidator.stats.lag_percentile_ms(99)
     assert lag is not None
     assert 0 <= lag < FRESH_WITHIN_S * 1000
+    scraped = generate_latest(auto.app.metrics.registry).decode()
+    assert f'cacheaside_invalidation_lag_ms{{quantile="0.99"}} {lag}' in scraped, "the lag is a metric"
+    assert "cacheaside_outbox_connected 1.0" in scraped
 
 
 def test_the_triggers_record_every_column_the_map_reads() -> None:

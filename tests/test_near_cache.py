@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client import generate_latest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from client.proto.cacheaside.v1 import cache_service_pb2 as pb
@@ -49,6 +50,8 @@ async def test_a_near_hit_does_not_ask_redis(two: list[Running]) -> None:
     response, meta = await call(first.stub.GetPost, pb.GetPostRequest(post_id="p1"))
     assert (response.post.title, meta["x-cache"]) == ("version 1", "hit")
     assert first.app.engine.store.stats.attempts == attempts
+    scraped = generate_latest(first.app.metrics.registry).decode()
+    assert f'cacheaside_near_cache_total{{event="hits"}} {float(first.app.engine.near.stats.hits)}' in scraped
 
 
 async def test_another_instances_invalidation_reaches_the_near_cache_at_once(
