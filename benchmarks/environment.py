@@ -14,9 +14,11 @@ import redis
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from server import db
 from server.config import Settings
 from server.embedded_redis import EmbeddedRedis
 from server.migrate import upgrade
+from server.seed import SeedCounts, seed
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -64,3 +66,27 @@ def save_result(name: str, report: dict[str, Any]) -> None:
     """Write a benchmark's report to benchmarks/results/<name>.json."""
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def bench_settings(database_url: str, schema: str, redis_url: str, **overrides: Any) -> Settings:
+    """Settings for a benchmark's service: its own key prefix, a free port, no warming at start."""
+    return Settings(
+        **{
+            "database_url": database_url,
+            "database_schema": schema,
+            "redis_url": redis_url,
+            "listen": "127.0.0.1:0",
+            "key_prefix": f"bench-{uuid.uuid4().hex[:8]}",
+            "warm_on_start": False,
+            **overrides,
+        }
+    )
+
+
+async def seed_database(settings: Settings, counts: SeedCounts) -> None:
+    """Fill the benchmark's database with the demo rows."""
+    engine = db.create_engine(settings)
+    try:
+        await seed(engine, counts, progress=False)
+    finally:
+        await engine.dispose()

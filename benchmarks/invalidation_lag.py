@@ -11,15 +11,13 @@ import argparse
 import asyncio
 import platform
 import tempfile
-import uuid
 from typing import Any
 
 from sqlalchemy import text
 
-from benchmarks.environment import bench_database, bench_redis_url, save_result
+from benchmarks.environment import bench_database, bench_redis_url, bench_settings, save_result
 from server import db
 from server.app import create_app
-from server.config import Settings
 from server.seed import SeedCounts, seed
 
 
@@ -33,14 +31,7 @@ async def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             if db.is_sqlite(database_url):
                 print("invalidation lag: needs PostgreSQL (on SQLite writers call Invalidate); skipped")
                 return None
-            settings = Settings(
-                database_url=database_url,
-                database_schema=schema,
-                redis_url=redis_url,
-                listen="127.0.0.1:0",
-                key_prefix=f"bench-{uuid.uuid4().hex[:8]}",
-                warm_on_start=False,
-            )
+            settings = bench_settings(database_url, schema, redis_url)
             engine = db.create_engine(settings)
             await seed(engine, SeedCounts(users=100, posts=1000, comments=0), progress=False)
             app = create_app(settings)

@@ -13,18 +13,15 @@ import asyncio
 import platform
 import tempfile
 import time
-import uuid
 from typing import Any
 
 import grpc
 
-from benchmarks.environment import bench_database, bench_redis_url, save_result
+from benchmarks.environment import bench_database, bench_redis_url, bench_settings, save_result, seed_database
 from benchmarks.stats import percentile
 from client.proto.cacheaside.v1 import cache_service_pb2 as pb
 from client.proto.cacheaside.v1 import cache_service_pb2_grpc as pb_grpc
-from server import db
-from server.config import Settings
-from server.seed import SeedCounts, post_id, seed
+from server.seed import SeedCounts, post_id
 from tests.procs import ServerProcess
 
 
@@ -36,18 +33,8 @@ async def main(argv: list[str] | None = None) -> dict[str, Any]:
     delays: list[float] = []
     with tempfile.TemporaryDirectory() as scratch, bench_redis_url() as redis_url:
         async with bench_database(scratch) as (database_url, schema):
-            settings = Settings(
-                database_url=database_url,
-                database_schema=schema,
-                redis_url=redis_url,
-                listen="127.0.0.1:0",
-                key_prefix=f"bench-{uuid.uuid4().hex[:8]}",
-                warm_on_start=False,
-                auto_invalidate=False,
-            )
-            engine = db.create_engine(settings)
-            await seed(engine, SeedCounts(users=10, posts=100, comments=0), progress=False)
-            await engine.dispose()
+            settings = bench_settings(database_url, schema, redis_url, auto_invalidate=False)
+            await seed_database(settings, SeedCounts(users=10, posts=100, comments=0))
             reader, writer = ServerProcess(settings), ServerProcess(settings)
             try:
                 async with (

@@ -17,14 +17,13 @@ from typing import Any
 import grpc
 import redis.asyncio as aioredis
 
-from benchmarks.environment import bench_database, bench_redis_url, save_result
+from benchmarks.environment import bench_database, bench_redis_url, bench_settings, save_result, seed_database
 from benchmarks.stats import spread
 from client.proto.cacheaside.v1 import cache_service_pb2 as pb
 from client.proto.cacheaside.v1 import cache_service_pb2_grpc as pb_grpc
-from server import db
 from server.config import Settings
 from server.domain.keys import key_prefix
-from server.seed import SeedCounts, seed
+from server.seed import SeedCounts
 from tests.procs import ServerProcess
 
 
@@ -79,17 +78,8 @@ async def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch, bench_redis_url() as redis_url:
         async with bench_database(scratch) as (database_url, schema):
-            base = Settings(
-                database_url=database_url,
-                database_schema=schema,
-                redis_url=redis_url,
-                listen="127.0.0.1:0",
-                warm_on_start=False,
-                max_stale_s=0,
-            )
-            engine = db.create_engine(base)
-            await seed(engine, SeedCounts(users=10, posts=10, comments=0), progress=False)
-            await engine.dispose()
+            base = bench_settings(database_url, schema, redis_url, max_stale_s=0)
+            await seed_database(base, SeedCounts(users=10, posts=10, comments=0))
             results: dict[str, list[int]] = {}
             for leases in (True, False, True, False):  # interleaved against drift
                 name = "leases" if leases else "no leases"

@@ -16,12 +16,11 @@ import random
 import statistics
 import tempfile
 import time
-import uuid
 from typing import Any
 
 import grpc
 
-from benchmarks.environment import bench_database, bench_redis_url, save_result
+from benchmarks.environment import bench_database, bench_redis_url, bench_settings, save_result
 from benchmarks.stats import percentile
 from client.proto.cacheaside.v1 import cache_service_pb2 as pb
 from client.proto.cacheaside.v1 import cache_service_pb2_grpc as pb_grpc
@@ -88,15 +87,7 @@ async def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch, bench_redis_url() as redis_url:
         async with bench_database(scratch) as (database_url, schema):
-            settings = Settings(
-                database_url=database_url,
-                database_schema=schema,
-                redis_url=redis_url,
-                listen="127.0.0.1:0",
-                key_prefix=f"bench-{uuid.uuid4().hex[:8]}",
-                warm_on_start=False,
-                auto_invalidate=False,
-            )
+            settings = bench_settings(database_url, schema, redis_url, auto_invalidate=False)
             overrides = {
                 "warm_batch": args.batch,
                 "warm_rate_per_s": args.rate,
