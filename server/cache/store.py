@@ -103,7 +103,7 @@ class RedisStore:
         self.channel = layout.prefix + EVENT_CHANNEL
         self.stats = StoreStats()
         self.breaker = CircuitBreaker(
-            failure_threshold=breaker_failures, cooldown_s=breaker_cooldown_s, probe=redis.ping
+            failure_threshold=breaker_failures, cooldown_s=breaker_cooldown_s, probe=self._probe
         )
         self._lease = redis.register_script(scripts.LEASE)
         self._fill = redis.register_script(scripts.FILL)
@@ -112,6 +112,14 @@ class RedisStore:
         self._bump = redis.register_script(scripts.BUMP_GENERATION)
         self._last_failure_log = 0.0
         self._suppressed_failures = 0
+
+    async def _probe(self) -> None:
+        # On a cluster, a failure may mean a master died and a replica took its slots: re-read the
+        # slot map, or the client would keep asking the dead node and the breaker would never stay
+        # closed. Then one ping says whether Redis answers.
+        if isinstance(self.redis, RedisCluster):
+            await self.redis.nodes_manager.initialize()
+        await self.redis.ping()
 
     @classmethod
     def connect(
