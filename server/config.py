@@ -68,6 +68,8 @@ class Settings(BaseSettings):
     warm_batch: int = Field(default=50, gt=0, le=1000)
     warm_concurrency: int = Field(default=2, gt=0)
     warm_rate_per_s: float = Field(default=2000, gt=0)
+    # Warm in a child process at idle CPU priority, so warming only ever uses CPU live calls leave.
+    warm_worker: bool = True
     shutdown_grace_s: float = Field(default=5.0, ge=0)
     log_level: str = "INFO"
     # Platform: health, metrics, logs, workers, auth and TLS (the README's table documents each).

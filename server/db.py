@@ -24,6 +24,14 @@ def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 
 
+def shareable(url: str) -> bool:
+    """Whether another process opening the URL sees the same data (not so for SQLite in memory)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return True
+    return parsed.database not in (None, "", ":memory:") and parsed.query.get("mode") != "memory"
+
+
 def create_engine(settings: Settings) -> AsyncEngine:
     """An async engine for CACHEASIDE_DATABASE_URL, pooled and bounded by the settings."""
     url = settings.database_url

@@ -29,7 +29,7 @@ from server.audit import AuditStats
 from server.cache import CacheEngine, Outcome
 from server.cache.breaker import BreakerState
 from server.cache.types import Loader
-from server.domain.catalog import Catalog, families
+from server.domain.catalog import Catalog, with_loaders
 from server.invalidator import OutboxInvalidator
 from server.warming import WarmResult
 
@@ -181,12 +181,12 @@ class Metrics:
 
     def timed_catalog(self, catalog: Catalog) -> Catalog:
         """The same catalog, each family's loader counted and timed."""
-        changes = {}
-        for field, family in zip(dataclasses.fields(catalog), families(catalog), strict=True):
-            changes[field.name] = dataclasses.replace(
-                family, load=self.timed_loader(family.name, family.load)
-            )
-        return dataclasses.replace(catalog, **changes)
+        return with_loaders(catalog, self.timed_loader)
+
+    def load_observed(self, family: str, ok: bool, seconds: float) -> None:
+        """A load another process ran on this server's behalf (the warm worker): counted and timed."""
+        self.db_load_duration.labels(family).observe(seconds)
+        self.db_loads.labels(family, "ok" if ok else "error").inc()
 
     def serve_http(self, listen: str) -> MetricsServer:
         """Serve /metrics on `host:port` (port 0 picks one) from a daemon thread."""

@@ -44,7 +44,7 @@ from server.errors import (
     to_status,
 )
 from server.validation import check_duration_s, check_id, check_ids, check_limit
-from server.warming import Warmer, WarmProgress
+from server.warming import WarmProgress, Warms
 
 _LOGGER = logging.getLogger(__name__)
 SERVICE_NAME = "cacheaside.v1.CacheService"
@@ -88,7 +88,7 @@ class CacheService:
         self,
         engine: CacheEngine,
         catalog: Catalog,
-        warmer: Warmer,
+        warmer: Warms,
         *,
         observer: ServiceObserver | None = None,
         recent_reads: RecentReads | None = None,
@@ -277,9 +277,10 @@ class CacheService:
                 yield pb.WarmWithProgressResponse(**dataclasses.asdict(progress)).SerializeToString()
                 if progress.done:
                     break
-        finally:
-            if not warming.done():
-                warming.cancel()  # the caller went away: stop warming on its behalf
+        except BaseException:
+            warming.cancel()  # the caller went away: stop warming on its behalf
+            raise
+        # After the last report the warm may still be returning (from the warm worker, a message later).
         with _nothing_warmed_without_redis():
             await warming
 

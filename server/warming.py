@@ -6,14 +6,16 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
 from server.cache import CacheEngine, CacheUnavailable, Family
+from server.config import Settings
 from server.domain.catalog import Catalog
 from server.domain.queries import Queries
-from server.errors import DatabaseUnavailable
+from server.errors import ServiceError
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -37,6 +39,54 @@ class WarmProgress:
     posts_warmed: int = 0
     users_warmed: int = 0
     done: bool = False
+
+
+class Warms(Protocol):
+    """What runs a warm: a Warmer in this process, or a WarmWorker beside it."""
+
+    async def warm(
+        self,
+        *,
+        posts: int | None = None,
+        users: int | None = None,
+        active_within_s: float | None = None,
+        on_progress: Callable[[WarmProgress], None] | None = None,
+    ) -> WarmResult:
+        """Warm now; None means the configured default. Raises CacheUnavailable if Redis is down."""
+        ...
+
+
+async def observed(
+    observe: Callable[[WarmResult | None, float], None] | None, warming: Awaitable[WarmResult]
+) -> WarmResult:
+    """Await a warm, then tell observe its result (None when it failed) and how long it took."""
+    started = time.monotonic()
+    try:
+        result = await warming
+    except BaseException:
+        if observe is not None:
+            observe(None, time.monotonic() - started)
+        raise
+    if observe is not None:
+        observe(result, time.monotonic() - started)
+    return result
+
+
+async def warm_logged(warmer: Warms) -> None:
+    """Warm with the defaults, logging instead of raising: for startup and the interval."""
+    try:
+        result = await warmer.warm()
+    except (CacheUnavailable, ServiceError) as exc:
+        _LOGGER.warning("cache warming skipped: %s", exc)
+        return
+    _LOGGER.info("cache warmed: %d posts, %d users", result.posts, result.users)
+
+
+async def warm_every(warmer: Warms, interval_s: float) -> None:
+    """Warm on an interval until cancelled."""
+    while True:
+        await asyncio.sleep(interval_s)
+        await warm_logged(warmer)
 
 
 class _Pacer:
@@ -88,6 +138,30 @@ class Warmer:
         self._pacer = _Pacer(rate_per_s)
         self._observe = observe
 
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        engine: CacheEngine,
+        catalog: Catalog,
+        queries: Queries,
+        *,
+        observe: Callable[[WarmResult | None, float], None] | None = None,
+    ) -> Warmer:
+        """A warmer with the CACHEASIDE_WARM_* defaults and bounds."""
+        return cls(
+            engine,
+            catalog,
+            queries,
+            default_posts=settings.warm_posts,
+            default_users=settings.warm_users,
+            default_active_within_s=settings.warm_active_within_s,
+            batch_size=settings.warm_batch,
+            concurrency=settings.warm_concurrency,
+            rate_per_s=settings.warm_rate_per_s,
+            observe=observe,
+        )
+
     async def warm(
         self,
         *,
@@ -97,16 +171,7 @@ class Warmer:
         on_progress: Callable[[WarmProgress], None] | None = None,
     ) -> WarmResult:
         """Warm now; None means the configured default. Raises CacheUnavailable if Redis is down."""
-        started = time.monotonic()
-        try:
-            result = await self._warm(posts, users, active_within_s, on_progress)
-        except BaseException:
-            if self._observe is not None:
-                self._observe(None, time.monotonic() - started)
-            raise
-        if self._observe is not None:
-            self._observe(result, time.monotonic() - started)
-        return result
+        return await observed(self._observe, self._warm(posts, users, active_within_s, on_progress))
 
     async def _warm(
         self,
@@ -147,18 +212,3 @@ class Warmer:
         progress.done = True
         report(dataclasses.replace(progress))
         return WarmResult(progress.posts_warmed, progress.users_warmed)
-
-    async def warm_logged(self) -> None:
-        """Warm with the defaults, logging instead of raising: for startup and the interval."""
-        try:
-            result = await self.warm()
-        except (CacheUnavailable, DatabaseUnavailable) as exc:
-            _LOGGER.warning("cache warming skipped: %s", exc)
-            return
-        _LOGGER.info("cache warmed: %d posts, %d users", result.posts, result.users)
-
-    async def run_every(self, interval_s: float) -> None:
-        """Warm on an interval until cancelled."""
-        while True:
-            await asyncio.sleep(interval_s)
-            await self.warm_logged()

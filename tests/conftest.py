@@ -127,6 +127,13 @@ async def _drop_schema(url: str, schema: str) -> None:
 
 
 @pytest.fixture
+def postgres_only(database: Database) -> None:
+    """For tests that gate loads with a PostgreSQL table lock (tests.helpers.posts_locked)."""
+    if database.kind != "postgresql":
+        pytest.skip("the load gate is a PostgreSQL table lock")
+
+
+@pytest.fixture
 def settings(database: Database, redis_url: str) -> Settings:
     """Settings for one test: its own key prefix, a free port, no startup warming."""
     return Settings(

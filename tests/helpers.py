@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 import redis.asyncio as aioredis
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from server.cache import envelope
 from server.config import Settings, Tier
@@ -78,3 +81,15 @@ async def assert_tier_ttl(redis_client: aioredis.Redis, settings: Settings, key:
     assert low <= fresh <= high, (key, fresh, (low, high))
     stale_ms = settings.max_stale_s * 1000
     assert low + stale_ms <= kept <= high + stale_ms, (key, kept)
+
+
+@contextlib.asynccontextmanager
+async def posts_locked(engine: AsyncEngine) -> AsyncIterator[None]:
+    """Hold an exclusive lock on posts (PostgreSQL): every read of it waits until the block exits."""
+    async with engine.connect() as connection:
+        transaction = await connection.begin()
+        await connection.execute(text("LOCK TABLE posts IN ACCESS EXCLUSIVE MODE"))
+        try:
+            yield
+        finally:
+            await transaction.rollback()

@@ -15,13 +15,15 @@ from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
-from server.app import create_app
+from server.app import create_app, freeze_startup_heap
 from server.config import Settings
 
 _CONTEXT = multiprocessing.get_context("spawn")
 
 
 def _child_main(settings: dict[str, Any], extra_load_ms: float, conn: Connection) -> None:
+    # Daemonic, so it ends with the test; but the server in it starts a warm worker of its own.
+    multiprocessing.current_process().daemon = False
     asyncio.run(_serve(Settings(**settings), extra_load_ms, conn))
 
 
@@ -34,6 +36,7 @@ async def _serve(settings: Settings, extra_load_ms: float, conn: Connection) -> 
     if extra_load_ms:
         app.engine.hooks.after_load = query_cost
     await app.start()
+    freeze_startup_heap()
     conn.send(app.port)
     loop = asyncio.get_running_loop()
     while True:

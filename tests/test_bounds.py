@@ -159,7 +159,8 @@ async def test_a_miss_past_the_load_limit_is_unavailable_at_once_and_hits_do_not
 async def test_warming_waits_for_a_load_slot_where_a_miss_is_refused(
     settings: Settings, db_engine: AsyncEngine, redis_client: aioredis.Redis, posts: list[str]
 ) -> None:
-    running = await start_service(settings, max_concurrent_loads=1)
+    # Inline warming shares this process's load slots; a warm worker has its own bounded pool.
+    running = await start_service(settings, max_concurrent_loads=1, warm_worker=False)
     try:
         stub, engine = running.stub, running.app.engine
         held = HeldLoads(engine, "post:p0")

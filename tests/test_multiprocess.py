@@ -9,42 +9,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import grpc
 import pytest
 import redis.asyncio as aioredis
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from client.proto.cacheaside.v1 import cache_service_pb2 as pb
 from client.proto.cacheaside.v1 import cache_service_pb2_grpc as pb_grpc
 from server.config import Settings
 from server.domain.keys import key_prefix
-from tests.conftest import Database
 from tests.data import add_post, add_user
+from tests.helpers import posts_locked
 from tests.procs import ServerProcess
 
 LEASE_TTL_MS = 1500
-
-
-@pytest.fixture
-def postgres_only(database: Database) -> None:
-    """These tests gate loads with a PostgreSQL table lock."""
-    if database.kind != "postgresql":
-        pytest.skip("the load gate is a PostgreSQL table lock")
-
-
-@contextlib.asynccontextmanager
-async def posts_locked(engine: AsyncEngine) -> AsyncIterator[None]:
-    """Hold an exclusive lock on posts: every read of it waits until the block exits."""
-    async with engine.connect() as connection:
-        transaction = await connection.begin()
-        await connection.execute(text("LOCK TABLE posts IN ACCESS EXCLUSIVE MODE"))
-        try:
-            yield
-        finally:
-            await transaction.rollback()
 
 
 @contextlib.contextmanager

@@ -7,17 +7,23 @@ import uuid
 
 from server.cache import RedisStore
 from server.cache.breaker import BreakerState
+from server.cache.scripts import AWAITED_MARK
+from server.cache.store import Fill, LeaseKind, LeaseRequest
 
 
-async def test_a_burst_beyond_the_pool_waits_for_connections_instead_of_failing(redis_url: str) -> None:
-    store = RedisStore.connect(
+def _store(redis_url: str, name: str) -> RedisStore:
+    return RedisStore.connect(
         redis_url,
-        prefix=f"test-burst-{uuid.uuid4().hex[:8]}:",
+        prefix=f"test-{name}-{uuid.uuid4().hex[:8]}:",
         timeout_ms=2000,
         max_connections=4,
         breaker_failures=3,
         breaker_cooldown_ms=1000,
     )
+
+
+async def test_a_burst_beyond_the_pool_waits_for_connections_instead_of_failing(redis_url: str) -> None:
+    store = _store(redis_url, "burst")
     try:
         results = await asyncio.gather(*(store.mget(["a", "b"]) for _ in range(200)), return_exceptions=True)
         assert not [r for r in results if isinstance(r, BaseException)]
@@ -26,3 +32,36 @@ async def test_a_burst_beyond_the_pool_waits_for_connections_instead_of_failing(
     finally:
         await store.redis.delete(store.prefix + "generation")
         await store.close()
+
+
+async def test_only_the_fill_of_an_awaited_lease_is_published(redis_url: str) -> None:
+    store = _store(redis_url, "awaited")
+    subscriber = store.redis.pubsub()
+    await subscriber.subscribe(store.channel)
+    lease = {"lease_ms": 5000, "now_ms": 0, "generation": 0}
+    try:
+        granted = await store.lease([LeaseRequest("quiet", "t1"), LeaseRequest("wanted", "t2")], **lease)
+        assert [result.kind for result in granted] == [LeaseKind.GRANTED, LeaseKind.GRANTED]
+        # Another caller is told to wait for "wanted": its lease is marked, its token still holds.
+        waiting = await store.lease([LeaseRequest("wanted", "t3")], **lease)
+        assert waiting[0].kind is LeaseKind.WAIT
+        assert await store.redis.get(store.layout.lease("wanted")) == b"t2" + AWAITED_MARK.encode()
+        assert await store.fill([Fill("quiet", b"v", 5000, token="t1")]) == [True]
+        assert await store.fill([Fill("wanted", b"v", 5000, token="t2")]) == [True]
+        await store.invalidate(["quiet"], [])  # a last event: everything before it has arrived
+        heard: list[list[str]] = []
+        async with asyncio.timeout(10):
+            while not heard or heard[-1][2] != "i":
+                message = await subscriber.get_message(timeout=1)
+                if message is not None and message["type"] == "message":
+                    heard.append(message["data"].decode().split(" "))
+    finally:
+        await subscriber.aclose()
+        await store.redis.delete(*(await store.redis.keys(store.prefix + "*")))
+        await store.close()
+    assert [(kind, key) for _counter, _seq, kind, key in heard] == [
+        ("f", store.layout.value("wanted")),
+        ("i", store.layout.value("quiet")),
+    ], "the fill nobody waited for sent no message"
+    numbers = [int(seq) for _counter, seq, _kind, _key in heard]
+    assert numbers == [1, 2], "no gap: the quiet fill took no number"

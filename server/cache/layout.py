@@ -81,6 +81,12 @@ class KeyLayout:
             return self.prefix + "events:seq"
         return f"{self.prefix}{{{_slot_tags()[slot_of(redis_key)]}}}events:seq"
 
+    def counters(self) -> list[str]:
+        """Every event counter: one on a single Redis, one per slot on a cluster."""
+        if not self.cluster:
+            return [self.prefix + "events:seq"]
+        return [f"{self.prefix}{{{tag}}}events:seq" for tag in _slot_tags()]
+
     def key_of(self, redis_key: str) -> str:
         """The engine's key for a Redis value key (events name Redis keys)."""
         rest = redis_key[len(self.prefix) :]

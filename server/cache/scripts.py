@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from server.cache.layout import LEASE_SUFFIX
 
-__all__ = ["BUMP_GENERATION", "ERROR_MARK", "FILL", "INVALIDATE", "LEASE", "LEASE_SUFFIX", "RELEASE"]
+__all__ = [
+    "AWAITED_MARK",
+    "BUMP_GENERATION",
+    "ERROR_MARK",
+    "FILL",
+    "INVALIDATE",
+    "LEASE",
+    "LEASE_SUFFIX",
+    "RELEASE",
+]
 
 # Every change a process must hear of (a fill, a released lease, an invalidated key, a new generation)
 # is published on one channel as "<counter> <seq> <kind> <key>". seq comes from a counter in the
@@ -21,6 +30,9 @@ local function event(channel, counter, kind, key)
 end
 """
 ERROR_MARK = "!error"  # a lease value: the last load failed; callers back off until it expires
+# Appended to a lease's token by the first caller told to wait for it. Only a fill of an awaited lease
+# publishes its event: a warm or a miss nobody else wanted costs no message to every process.
+AWAITED_MARK = "+"
 
 # The envelope header (see envelope.py), 1-based in Lua: generation is the big-endian u32 at bytes
 # 2..5, expires_at_ms the big-endian u64 at bytes 10..17.
@@ -40,8 +52,8 @@ end
 # ARGV[3]: the namespace generation the caller read; then per request: token, force ('1' takes the
 # lease even if the value is fresh: refresh, warming), number of tags.
 # Replies, per request: {'value', bytes} if fresh in this generation, {'granted', ''}, {'wait', pttl}
-# or {'error', pttl}. A key joins its tags at lease time, so a tag invalidation during the load voids
-# the lease too.
+# (which marks the lease awaited) or {'error', pttl}. A key joins its tags at lease time, so a tag
+# invalidation during the load voids the lease too.
 LEASE = (
     _HEADER
     + """
@@ -62,7 +74,15 @@ for a = 4, #ARGV, 3 do
       local kind = 'wait'
       if holder == '"""
     + ERROR_MARK
-    + """' then kind = 'error' end
+    + """' then
+        kind = 'error'
+      elseif string.sub(holder, -1) ~= '"""
+    + AWAITED_MARK
+    + """' then
+        redis.call('SET', lease, holder .. '"""
+    + AWAITED_MARK
+    + """', 'KEEPTTL')
+      end
       reply = {kind, tostring(redis.call('PTTL', lease))}
     else
       redis.call('SET', lease, token, 'PX', lease_ms)
@@ -83,7 +103,7 @@ return replies
 # Many fills in one call. KEYS, per fill: value key, lease key, then its tag sets. ARGV[1]: the event
 # channel, ARGV[2]: the event counter; then per fill: token ('' writes without a lease: the plain
 # baseline), value, TTL ms, number of tags. A fill with a token writes only if the lease still holds
-# that token. Replies 1 or 0 per fill.
+# that token (awaited or not), and publishes its event only if the lease was awaited. Replies 1 or 0.
 FILL = (
     _EVENT
     + """
@@ -93,8 +113,17 @@ local k = 1
 for a = 3, #ARGV, 4 do
   local token, value, ttl, tags = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
   local key, lease = KEYS[k], KEYS[k + 1]
-  local ok = 1
-  if token ~= '' and redis.call('GET', lease) ~= token then ok = 0 end
+  local ok, awaited = 1, true
+  if token ~= '' then
+    local holder = redis.call('GET', lease)
+    if holder == token then
+      awaited = false
+    elseif holder ~= token .. '"""
+    + AWAITED_MARK
+    + """' then
+      ok = 0
+    end
+  end
   if ok == 1 then
     redis.call('SET', key, value, 'PX', ttl)
     for i = k + 2, k + 1 + tags do
@@ -102,7 +131,7 @@ for a = 3, #ARGV, 4 do
       if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
     end
     if token ~= '' then redis.call('DEL', lease) end
-    event(channel, events, 'f', key)
+    if awaited then event(channel, events, 'f', key) end
   end
   written[#written + 1] = ok
   k = k + 2 + tags
@@ -117,7 +146,10 @@ return written
 RELEASE = (
     _EVENT
     + """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local holder = redis.call('GET', KEYS[1])
+if holder ~= ARGV[1] and holder ~= ARGV[1] .. '"""
+    + AWAITED_MARK
+    + """' then return 0 end
 if tonumber(ARGV[2]) > 0 then
   redis.call('SET', KEYS[1], '"""
     + ERROR_MARK

@@ -185,6 +185,18 @@ class RedisStore:
         generation = int(values[0]) if values[0] is not None else await self._first_generation()
         return generation, values[1:]
 
+    async def event_sequences(self) -> dict[str, int]:
+        """The last number of every event counter: where a new subscriber's gap detection starts."""
+        counters = self.layout.counters()
+
+        async def run() -> list[bytes | None]:
+            if isinstance(self.redis, RedisCluster):
+                return cast(list[bytes | None], await self.redis.mget_nonatomic(counters))
+            return cast(list[bytes | None], await self.redis.mget(counters))
+
+        values = await self._guarded(run)
+        return {counter: int(value or 0) for counter, value in zip(counters, values, strict=True)}
+
     async def generation(self) -> int:
         """The namespace generation: entries written in another one are ignored."""
         value = await self._guarded(lambda: self.redis.get(self.layout.generation()))

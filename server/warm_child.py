@@ -1,0 +1,125 @@
+"""The warm worker's child process: lowers its own CPU priority, then warms what the server asks.
+
+Only the standard library is imported at the top, so the priority drops before the heavy imports
+(SQLAlchemy, redis-py) spend their CPU. The parent's side and the messages are in warm_worker.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pickle
+import time
+from collections.abc import Mapping, Sequence
+from multiprocessing.connection import Connection
+from typing import Any
+
+
+def lower_priority() -> str:
+    """SCHED_IDLE: run only when a core would otherwise idle. Falls back to nice 19. Returns which.
+
+    Also on any core: a server pinned to one core (taskset) must not confine its warming to that
+    core's idle time when another core idles.
+    """
+    with contextlib.suppress(AttributeError, OSError, ValueError):  # not Linux, or a narrower cpuset
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        return "SCHED_IDLE"
+    except (AttributeError, OSError):  # not Linux, or not permitted
+        with contextlib.suppress(OSError):
+            os.nice(19)
+        return "nice 19"
+
+
+def main(settings: dict[str, Any], redis_url: str, conn: Connection) -> None:
+    """The child's entry point (multiprocessing spawn)."""
+    lower_priority()
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C reaches the whole group; the parent stops us
+        asyncio.run(_serve(settings, redis_url, conn))
+
+
+async def _serve(settings_values: dict[str, Any], redis_url: str, conn: Connection) -> None:
+    from server.building import build_cache, close_cache
+    from server.cache.types import Loader
+    from server.config import Settings
+    from server.domain.catalog import with_loaders
+    from server.warming import Warmer
+
+    def reported(family: str, load: Loader) -> Loader:
+        # Each load is reported, so the server's metrics count the database work done on its behalf.
+        async def load_reporting(ids: Sequence[str]) -> Mapping[str, bytes]:
+            started, ok = time.perf_counter(), False
+            try:
+                loaded = await load(ids)
+                ok = True
+                return loaded
+            finally:
+                send(("load", family, ok, time.perf_counter() - started))
+
+        return load_reporting
+
+    settings = Settings(**settings_values)
+    cache = build_cache(settings, redis_url, events=False)
+    catalog = with_loaders(cache.catalog, reported)
+    warmer = Warmer.from_settings(settings, cache.engine, catalog, cache.queries)
+    inbox: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+
+    def readable() -> None:
+        try:
+            while conn.poll():
+                inbox.put_nowait(conn.recv())
+        except (EOFError, OSError):  # the server has gone
+            loop.remove_reader(conn.fileno())
+            inbox.put_nowait(("stop",))
+
+    def send(message: tuple[Any, ...]) -> None:
+        with contextlib.suppress(OSError):  # the server has gone; the inbox hears of it
+            conn.send(message)
+
+    async def run(request_id: int, posts: int | None, users: int | None, within_s: float | None) -> None:
+        try:
+            result = await warmer.warm(
+                posts=posts,
+                users=users,
+                active_within_s=within_s,
+                on_progress=lambda progress: send(("progress", request_id, progress)),
+            )
+        except asyncio.CancelledError:
+            return  # the caller went away, or the server is stopping: nobody waits for an answer
+        except Exception as exc:
+            send(("failed", request_id, _portable(exc)))
+        else:
+            send(("done", request_id, result))
+        finally:
+            running.pop(request_id, None)
+
+    loop.add_reader(conn.fileno(), readable)
+    send(("ready",))
+    running: dict[int, asyncio.Task[None]] = {}
+    try:
+        while True:
+            kind, *args = await inbox.get()
+            if kind == "warm":
+                running[args[0]] = asyncio.create_task(run(*args))
+            elif kind == "cancel":
+                if (cancelled := running.get(args[0])) is not None:
+                    cancelled.cancel()
+            else:
+                break
+    finally:
+        for task in list(running.values()):
+            task.cancel()
+        await asyncio.gather(*running.values(), return_exceptions=True)
+        await close_cache(cache)
+
+
+def _portable(exc: Exception) -> Exception:
+    # The server re-raises what crossed the pipe, so the caller sees the status an inline warm gives.
+    try:
+        copy: Exception = pickle.loads(pickle.dumps(exc))
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+    return copy

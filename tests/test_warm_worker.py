@@ -1,0 +1,154 @@
+"""Warming runs in a child at idle CPU priority: it warms, stops when its caller goes, survives a crash.
+
+A warm's query is held by a real table lock (PostgreSQL), so the cancel and the kill land while
+the child is known to be warming.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+import grpc
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from client.proto.cacheaside.v1 import cache_service_pb2 as pb
+from server import db
+from server.app import create_app
+from server.config import Settings
+from server.warm_worker import WarmWorker
+from server.warming import Warmer
+from tests.conftest import Running, start_service, stop_service
+from tests.data import add_post, add_user
+from tests.helpers import call, posts_locked, until_async
+
+
+async def _posts(engine: AsyncEngine, count: int) -> None:
+    await add_user(engine, "alice")
+    for n in range(count):
+        await add_post(engine, f"p{n:02d}", "alice", views=n)
+
+
+# The child's query waits on the test's lock for as long as the test holds it.
+_PATIENT = {"db_timeout_ms": 30_000, "lease_ttl_ms": 31_000}
+
+
+def _worker(running: Running) -> WarmWorker:
+    assert isinstance(running.app.warmer, WarmWorker)
+    return running.app.warmer
+
+
+async def _waiting_on_lock(engine: AsyncEngine) -> int:
+    """How many other sessions wait for a lock: the warm worker's loads, blocked by posts_locked."""
+    async with engine.connect() as connection:
+        found = await connection.execute(
+            text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+        )
+        return int(found.scalar_one())
+
+
+async def test_warm_runs_in_a_child_at_idle_priority(settings: Settings, db_engine: AsyncEngine) -> None:
+    await _posts(db_engine, 12)
+    running = await start_service(settings, warm_batch=5)
+    try:
+        response, _ = await call(running.stub.Warm, pb.WarmRequest(popular_posts=12, active_users=1))
+        pid = _worker(running).pid
+        assert pid is not None
+        assert pid != os.getpid()
+        assert os.sched_getscheduler(pid) == os.SCHED_IDLE
+        # Written by the child, read back by the server as hits.
+        hit, metadata = await call(running.stub.GetPost, pb.GetPostRequest(post_id="p07"))
+    finally:
+        await stop_service(running)
+    assert (response.posts_warmed, response.users_warmed) == (12, 1)
+    assert hit.post.id == "p07"
+    assert metadata["x-cache"] == "hit"
+
+
+async def test_the_worker_stops_with_the_server(settings: Settings, db_engine: AsyncEngine) -> None:
+    await _posts(db_engine, 2)
+    running = await start_service(settings)
+    await call(running.stub.Warm, pb.WarmRequest(popular_posts=2, active_users=1))
+    pid = _worker(running).pid
+    assert pid is not None
+    await stop_service(running)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # joined, so not even a zombie is left
+
+
+async def test_a_cancelled_warm_stops_in_the_child(
+    postgres_only: None, settings: Settings, db_engine: AsyncEngine
+) -> None:
+    await _posts(db_engine, 20)
+    running = await start_service(settings, warm_batch=5, **_PATIENT)
+    try:
+        async with posts_locked(db_engine):
+            stream = await _warm_held_by_the_lock(running, db_engine)
+            stream.cancel()
+            # The child cancels its warm, and with it the query that waited.
+            await until_async(lambda: _has_no_waiter(db_engine))
+        response, _ = await call(running.stub.Warm, pb.WarmRequest(popular_posts=20, active_users=1))
+    finally:
+        await stop_service(running)
+    assert response.posts_warmed == 20, "the worker goes on serving after a cancel"
+
+
+async def _warm_held_by_the_lock(running: Running, engine: AsyncEngine) -> Any:
+    """A WarmWithProgress of 20 posts, once the child's first query waits on posts_locked."""
+    stream = running.stub.WarmWithProgress(
+        pb.WarmWithProgressRequest(warm=pb.WarmRequest(popular_posts=20, active_users=1))
+    )
+    await until_async(lambda: _has_waiter(engine))
+    return stream
+
+
+async def _has_waiter(engine: AsyncEngine) -> bool:
+    return await _waiting_on_lock(engine) > 0
+
+
+async def _has_no_waiter(engine: AsyncEngine) -> bool:
+    return await _waiting_on_lock(engine) == 0
+
+
+async def test_a_killed_worker_fails_its_warm_clearly_and_the_next_warm_starts_another(
+    postgres_only: None, settings: Settings, db_engine: AsyncEngine
+) -> None:
+    await _posts(db_engine, 20)
+    running = await start_service(settings, warm_batch=5, **_PATIENT)
+    try:
+        async with posts_locked(db_engine):
+            stream = await _warm_held_by_the_lock(running, db_engine)
+            first_pid = _worker(running).pid
+            assert first_pid is not None
+            os.kill(first_pid, signal.SIGKILL)
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                async for _report in stream:
+                    pass
+        response, _ = await call(running.stub.Warm, pb.WarmRequest(popular_posts=20, active_users=1))
+        second_pid = _worker(running).pid
+    finally:
+        await stop_service(running)
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "warm worker" in (failed.value.details() or "")
+    assert "retry" in (failed.value.details() or "")
+    assert response.posts_warmed == 20
+    assert second_pid not in (None, first_pid)
+
+
+def test_only_a_database_another_process_can_open_gets_a_worker() -> None:
+    # SQLite in memory would be a different, empty database in the child: such a server warms inline.
+    assert not db.shareable("sqlite+aiosqlite:///:memory:")
+    assert not db.shareable("sqlite+aiosqlite://")
+    assert db.shareable("sqlite+aiosqlite:///./cacheaside.db")
+    assert db.shareable("postgresql+asyncpg://localhost/test")
+
+
+async def test_inline_when_the_setting_says(settings: Settings) -> None:
+    app = create_app(settings.model_copy(update={"warm_worker": False}))
+    try:
+        assert isinstance(app.warmer, Warmer)
+    finally:
+        await app.stop(0)
