@@ -80,6 +80,11 @@ class Cluster:
             "--cluster-config-file", str(self.folder / f"nodes-{port}.conf"),
             "--cluster-node-timeout", str(_NODE_TIMEOUT_MS), "--save", "", "--appendonly", "no",
             "--dir", str(self.folder),
+            # A replica's first sync starts at once, not 5 s later: killed before it, a master would
+            # leave a replica that never synced and so never takes over.
+            "--repl-diskless-sync-delay", "0",
+            # A cache's replica takes over however long it was cut off: stale beats down.
+            "--cluster-replica-validity-factor", "0",
         ]  # fmt: skip
         self.processes[port] = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -90,7 +95,8 @@ class Cluster:
         process.wait(10)
 
     def wait_ok(self, timeout_s: float = 30) -> None:
-        """Until every live node says the cluster is ok and every slot is served."""
+        """Until every live node says the cluster is ok, every slot is served by a live master, and
+        every replica has synced with its master (so it can take over when the master dies)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if all(self._ok(port) for port in self.processes):
@@ -99,9 +105,15 @@ class Cluster:
         raise RuntimeError("the Redis Cluster did not become ok")
 
     def _ok(self, port: int) -> bool:
+        # cluster_state stays ok for node-timeout after a master dies, so the slot owners are checked.
         with suppress(redis.RedisError), self.client(port) as node:
             info = node.cluster("info")
-            return bool(info["cluster_state"] == "ok" and int(info["cluster_slots_ok"]) == 16384)
+            if info["cluster_state"] != "ok" or int(info["cluster_slots_ok"]) != 16384:
+                return False
+            owners = {int(slot_range[2][1]) for slot_range in node.execute_command("CLUSTER SLOTS")}
+            replication = node.info("replication")
+            synced = replication["role"] == "master" or replication.get("master_link_status") == "up"
+            return owners <= set(self.processes) and synced
         return False
 
 
