@@ -53,6 +53,13 @@ class EmbeddedRedis:
         """The redis:// URL of this server."""
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def pid(self) -> int:
+        """The redis-server's process id (tests freeze it with SIGSTOP)."""
+        if self._process is None:
+            raise RuntimeError("redis-server is not running")
+        return self._process.pid
+
     def start(self) -> EmbeddedRedis:
         """Start the server and wait until it accepts connections."""
         args = [
