@@ -100,6 +100,24 @@ async def test_redis_stopped_mid_test_reads_bypass_without_waiting_then_caching_
     assert meta["x-cache"] == "hit"
 
 
+async def test_a_redis_restart_between_calls_fails_no_call_and_leaves_the_breaker_closed(
+    fragile: Running, private_redis: EmbeddedRedis
+) -> None:
+    async def read_all() -> set[str]:
+        calls = [call(fragile.stub.GetPost, pb.GetPostRequest(post_id=f"p{n % 5}")) for n in range(10)]
+        return {meta["x-cache"] for _, meta in await asyncio.gather(*calls)}
+
+    await read_all()  # several pooled connections, all to the Redis about to go
+    private_redis.stop()
+    private_redis.start()  # same port, empty: every pooled connection is dead
+    stats = fragile.app.engine.store.stats
+    failures = stats.failures
+    # Each dead connection fails once and is replaced on the spot: a miss, never a bypass.
+    assert await read_all() <= {"miss", "hit"}
+    assert stats.failures == failures
+    assert fragile.app.engine.store.breaker_state is BreakerState.CLOSED
+
+
 async def test_a_frozen_redis_costs_only_the_breakers_timeouts(
     fragile: Running, private_redis: EmbeddedRedis
 ) -> None:

@@ -65,3 +65,21 @@ async def test_only_the_fill_of_an_awaited_lease_is_published(redis_url: str) ->
     ], "the fill nobody waited for sent no message"
     numbers = [int(seq) for _counter, seq, _kind, _key in heard]
     assert numbers == [1, 2], "no gap: the quiet fill took no number"
+
+
+async def test_a_repeated_lease_request_gets_its_own_lease_back(redis_url: str) -> None:
+    # A retry on a new connection may repeat a request whose first reply was lost.
+    store = _store(redis_url, "repeat")
+    lease = {"lease_ms": 5000, "now_ms": 0, "generation": 0}
+    try:
+        first = await store.lease([LeaseRequest("k", "t1")], **lease)
+        waiting = await store.lease([LeaseRequest("k", "t2")], **lease)  # marks it awaited
+        again = await store.lease([LeaseRequest("k", "t1")], **lease)
+    finally:
+        await store.redis.delete(*(await store.redis.keys(store.prefix + "*")))
+        await store.close()
+    assert [first[0].kind, waiting[0].kind, again[0].kind] == [
+        LeaseKind.GRANTED,
+        LeaseKind.WAIT,
+        LeaseKind.GRANTED,
+    ]

@@ -70,7 +70,11 @@ for a = 4, #ARGV, 3 do
   end
   if not reply then
     local holder = redis.call('GET', lease)
-    if holder then
+    if holder == token or holder == token .. '"""
+    + AWAITED_MARK
+    + """' then
+      reply = {'granted', ''}  -- our own lease: this request is a retry whose first reply was lost
+    elseif holder then
       local kind = 'wait'
       if holder == '"""
     + ERROR_MARK

@@ -21,6 +21,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from server.cache import scripts
@@ -148,13 +149,15 @@ class RedisStore:
         else:
             # A blocking pool: a burst beyond max_connections waits up to the timeout for a
             # connection, where the default pool would fail at once and open the breaker on a healthy
-            # Redis. No retries inside redis-py: a retry doubles the wait on a dead Redis, and the
-            # breaker is the retry policy here.
+            # Redis. One retry, on a new connection, for a connection error only: after a Redis restart
+            # or a proxy's reset every pooled connection is dead, and without it their first uses would
+            # open the breaker on a Redis that answers. Never for a timeout: that would double the wait
+            # on a frozen Redis, where the breaker is the retry policy. (Each script is safe to repeat.)
             pool = BlockingConnectionPool.from_url(
                 url,
                 socket_timeout=timeout_s,
                 socket_connect_timeout=timeout_s,
-                retry=Retry(NoBackoff(), 0),
+                retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
                 max_connections=max_connections,
                 timeout=timeout_s,
             )
