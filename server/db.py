@@ -88,7 +88,20 @@ def database_errors() -> Iterator[None]:
     except DBAPIError as exc:
         if exc.connection_invalidated:
             raise DatabaseUnavailable(f"the database connection was lost: {_first_line(exc)}") from exc
+        if _sqlstate(exc)[:2] in _UNAVAILABLE_SQLSTATE_CLASSES:
+            raise DatabaseUnavailable(f"the database cannot answer now: {_first_line(exc)}") from exc
         raise
+
+
+# SQLSTATE classes that say the database, not the query, is the trouble: 08 connection exception,
+# 53 insufficient resources (too many connections), 57 operator intervention (shutting down, starting
+# up, query cancelled), 58 system error. asyncpg raises "the database system is shutting down" (57P03)
+# as a plain DBAPIError, which would otherwise reach the caller as UNKNOWN.
+_UNAVAILABLE_SQLSTATE_CLASSES = frozenset({"08", "53", "57", "58"})
+
+
+def _sqlstate(exc: DBAPIError) -> str:
+    return str(getattr(exc.orig, "sqlstate", None) or "")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 import redis.asyncio as aioredis
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from client.proto.cacheaside.v1 import cache_service_pb2 as pb
@@ -18,7 +19,7 @@ from server.config import Settings
 from server.embedded_redis import EmbeddedRedis, free_port
 from tests.conftest import Database, Running, start_service, stop_service
 from tests.data import add_post, add_user
-from tests.helpers import call, error_of
+from tests.helpers import call, error_of, posts_locked, until_async
 
 BREAKER_FAILURES = 3
 
@@ -169,3 +170,30 @@ async def test_an_unreachable_database_is_unavailable_with_a_clear_message(
         assert response.keys_invalidated == 0
     finally:
         await stop_service(running)
+
+
+async def test_a_query_the_database_cancels_is_unavailable_not_unknown(
+    postgres_only: None, service: Running, db_engine: AsyncEngine
+) -> None:
+    # A statement cancelled by PostgreSQL (an operator, a statement_timeout: SQLSTATE 57014) comes back
+    # as a plain DBAPIError, as does "the database system is shutting down" (57P03).
+    await add_user(db_engine, "alice")
+    await add_post(db_engine, "p1", "alice")
+
+    async def waiting_pid() -> int | None:
+        async with db_engine.connect() as connection:
+            found = await connection.execute(
+                text(
+                    "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%posts%'"
+                )
+            )
+            return found.scalar()
+
+    async with posts_locked(db_engine):
+        read = asyncio.ensure_future(error_of(service.stub.GetPost, pb.GetPostRequest(post_id="p1")))
+        await until_async(waiting_pid)
+        async with db_engine.connect() as connection:
+            await connection.execute(text("SELECT pg_cancel_backend(:pid)"), {"pid": await waiting_pid()})
+        code, details, reason = await read
+    assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "DATABASE_UNAVAILABLE")
+    assert "canceling statement" in details
