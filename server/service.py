@@ -331,7 +331,7 @@ _UNAVAILABLE_ERRORS = (
 )
 
 
-def _service_error(exc: Exception) -> ServiceError:
+def service_error(exc: Exception) -> ServiceError:
     """The status for what stopped a call: the table from the engine's failures to ours."""
     if isinstance(exc, ServiceError):
         return exc
@@ -361,7 +361,7 @@ def _service_error(exc: Exception) -> ServiceError:
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> NoReturn:
     # grpc-stubs predates abort_with_status on grpc.aio contexts; it exists since grpcio 1.38.
-    await context.abort_with_status(to_status(_service_error(exc)))  # type: ignore[attr-defined]
+    await context.abort_with_status(to_status(service_error(exc)))  # type: ignore[attr-defined]
     raise AssertionError("abort_with_status returned")  # pragma: no cover
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import pickle
 import time
@@ -93,8 +94,6 @@ async def _serve(settings_values: dict[str, Any], redis_url: str, conn: Connecti
             send(("failed", request_id, _portable(exc)))
         else:
             send(("done", request_id, result))
-        finally:
-            running.pop(request_id, None)
 
     loop.add_reader(conn.fileno(), readable)
     send(("ready",))
@@ -103,7 +102,10 @@ async def _serve(settings_values: dict[str, Any], redis_url: str, conn: Connecti
         while True:
             kind, *args = await inbox.get()
             if kind == "warm":
-                running[args[0]] = asyncio.create_task(run(*args))
+                task = asyncio.create_task(run(*args))
+                running[args[0]] = task
+                # Popped when done, even if cancelled before its first step (its finally never runs).
+                task.add_done_callback(functools.partial(_forget, running, args[0]))
             elif kind == "cancel":
                 if (cancelled := running.get(args[0])) is not None:
                     cancelled.cancel()
@@ -116,8 +118,20 @@ async def _serve(settings_values: dict[str, Any], redis_url: str, conn: Connecti
         await close_cache(cache)
 
 
+def _forget(running: dict[int, asyncio.Task[None]], request_id: int, _task: asyncio.Task[None]) -> None:
+    running.pop(request_id, None)
+
+
 def _portable(exc: Exception) -> Exception:
     # The server re-raises what crossed the pipe, so the caller sees the status an inline warm gives.
+    # The engine's own errors (LoadTimeout, DatabaseSaturated...) take arguments pickle cannot give
+    # back: they cross as the ServiceError the service would have made of them.
+    from server.cache import CacheUnavailable
+    from server.errors import ServiceError
+    from server.service import service_error
+
+    if not isinstance(exc, CacheUnavailable | ServiceError):
+        exc = service_error(exc)
     try:
         copy: Exception = pickle.loads(pickle.dumps(exc))
     except Exception:

@@ -153,6 +153,9 @@ class WarmWorker:
                 self._dispatch(conn.recv())
         except (EOFError, OSError):
             self._lost("exited")
+        except Exception:  # an unreadable message: nothing after it can be trusted
+            _LOGGER.exception("warm worker sent a message the server cannot read")
+            self._lost("sent an unreadable message")
 
     def _dispatch(self, message: _Message) -> None:
         if message[0] == "load":
@@ -171,6 +174,10 @@ class WarmWorker:
         process = self._process
         if self._detach() is None:
             return
+        if process is not None:
+            if process.is_alive():  # hung, or sent garbage: a new warm gets a new worker, not this one
+                process.kill()
+            asyncio.get_running_loop().run_in_executor(None, process.join)  # reaped, never a zombie
         code = process.exitcode if process is not None else None
         _LOGGER.warning("warm worker %s (exit code %s); the next warm starts another", how, code)
         self._fail_waiting(

@@ -79,6 +79,9 @@ async def warm_logged(warmer: Warms) -> None:
     except (CacheUnavailable, ServiceError) as exc:
         _LOGGER.warning("cache warming skipped: %s", exc)
         return
+    except Exception:  # a bug must not end warming on the interval for good
+        _LOGGER.exception("cache warming failed")
+        return
     _LOGGER.info("cache warmed: %d posts, %d users", result.posts, result.users)
 
 

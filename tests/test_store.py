@@ -7,7 +7,7 @@ import uuid
 
 from server.cache import RedisStore
 from server.cache.breaker import BreakerState
-from server.cache.scripts import AWAITED_MARK
+from server.cache.scripts import AWAITED_MARK, WEAK_LEASE_PREFIX
 from server.cache.store import Fill, LeaseKind, LeaseRequest
 
 
@@ -83,3 +83,23 @@ async def test_a_repeated_lease_request_gets_its_own_lease_back(redis_url: str) 
         LeaseKind.WAIT,
         LeaseKind.GRANTED,
     ]
+
+
+async def test_a_live_request_takes_a_refreshs_weak_lease_over(redis_url: str) -> None:
+    # A warm starved of CPU must never make a live read wait: its lease gives way, its fill is refused.
+    store = _store(redis_url, "weak")
+    lease = {"lease_ms": 5000, "now_ms": 0, "generation": 0}
+    weak = WEAK_LEASE_PREFIX + "t1"
+    try:
+        warm = await store.lease([LeaseRequest("k", weak, force=True)], **lease)
+        other_warm = await store.lease([LeaseRequest("k", WEAK_LEASE_PREFIX + "t2", force=True)], **lease)
+        live = await store.lease([LeaseRequest("k", "t3")], **lease)
+        filled = await store.fill([Fill("k", b"old", 5000, token=weak), Fill("k", b"new", 5000, token="t3")])
+        value = await store.redis.get(store.layout.value("k"))
+    finally:
+        await store.redis.delete(*(await store.redis.keys(store.prefix + "*")))
+        await store.close()
+    kinds = [warm[0].kind, other_warm[0].kind, live[0].kind]
+    assert kinds == [LeaseKind.GRANTED, LeaseKind.WAIT, LeaseKind.GRANTED]
+    assert filled == [False, True]
+    assert value == b"new"

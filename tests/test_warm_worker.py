@@ -16,9 +16,11 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from client.proto.cacheaside.v1 import cache_service_pb2 as pb
-from server import db
+from server import db, warm_child
 from server.app import create_app
+from server.cache.types import DatabaseSaturated, LoadTimeout
 from server.config import Settings
+from server.errors import ServiceError
 from server.warm_worker import WarmWorker
 from server.warming import Warmer
 from tests.conftest import Running, start_service, stop_service
@@ -152,3 +154,11 @@ async def test_inline_when_the_setting_says(settings: Settings) -> None:
         assert isinstance(app.warmer, Warmer)
     finally:
         await app.stop(0)
+
+
+def test_engine_errors_cross_the_pipe_as_the_status_an_inline_warm_gives() -> None:
+    # LoadTimeout and its kind take arguments pickle cannot give back; they cross as ServiceErrors.
+    crossed = warm_child._portable(LoadTimeout("post", 0.5))
+    assert isinstance(crossed, ServiceError)
+    assert (crossed.code, crossed.reason) == (grpc.StatusCode.UNAVAILABLE, "DATABASE_TIMEOUT")
+    assert isinstance(warm_child._portable(DatabaseSaturated(4)), ServiceError)

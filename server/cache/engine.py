@@ -20,6 +20,7 @@ from server.cache.flights import BYPASS, LeaseFlights, Result
 from server.cache.loading import Loading, Lookup, TtlPolicy
 from server.cache.near import NearCache
 from server.cache.notify import NEW_GENERATION, EventListener, FillNotifier
+from server.cache.scripts import WEAK_LEASE_PREFIX
 from server.cache.store import CacheUnavailable, LeaseKind, LeaseRequest, RedisStore
 from server.cache.types import EngineHooks, EngineStats, Family, Fetched, Outcome, Resolved, combine
 
@@ -205,7 +206,8 @@ class CacheEngine:
         if not self.leases:
             results = await self._plain(lookups, generation, wait_for_slot=wait_for_slot)
             return sum(1 for result in results.values() if not isinstance(result, BaseException))
-        tokens = {lookup.key: secrets.token_hex(8) for lookup in lookups}
+        # Weak leases: a live miss of one of these keys takes the lease over rather than wait for us.
+        tokens = {lookup.key: WEAK_LEASE_PREFIX + secrets.token_hex(8) for lookup in lookups}
         requests = [LeaseRequest(lk.key, tokens[lk.key], family.tags, force=True) for lk in lookups]
         leases = await self.store.lease(
             requests, lease_ms=self._lease_ms, now_ms=self._now_ms(), generation=generation

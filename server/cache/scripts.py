@@ -18,6 +18,7 @@ __all__ = [
     "LEASE",
     "LEASE_SUFFIX",
     "RELEASE",
+    "WEAK_LEASE_PREFIX",
 ]
 
 # Every change a process must hear of (a fill, a released lease, an invalidated key, a new generation)
@@ -30,6 +31,10 @@ local function event(channel, counter, kind, key)
 end
 """
 ERROR_MARK = "!error"  # a lease value: the last load failed; callers back off until it expires
+# A refresh's (warming, early refresh) token starts with it: such a lease is weak, and a live caller's
+# request takes it over instead of waiting, so a refresh starved of CPU never makes a read wait. The
+# refresh's fill is then refused (its token no longer holds), as after an invalidation.
+WEAK_LEASE_PREFIX = "w:"
 # Appended to a lease's token by the first caller told to wait for it. Only a fill of an awaited lease
 # publishes its event: a warm or a miss nobody else wanted costs no message to every process.
 AWAITED_MARK = "+"
@@ -74,7 +79,9 @@ for a = 4, #ARGV, 3 do
     + AWAITED_MARK
     + """' then
       reply = {'granted', ''}  -- our own lease: this request is a retry whose first reply was lost
-    elseif holder then
+    elseif holder and not (force ~= '1' and string.sub(holder, 1, 2) == '"""
+    + WEAK_LEASE_PREFIX
+    + """') then
       local kind = 'wait'
       if holder == '"""
     + ERROR_MARK
