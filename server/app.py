@@ -111,8 +111,7 @@ class App:
             # A thread join; quick, since the server's loop wakes every half second at most.
             await asyncio.to_thread(self.metrics_server.stop)
         await self.health.close()
-        if isinstance(self.warmer, WarmWorker):
-            await self.warmer.close()
+        await self.warmer.close()
         await close_cache(self.cache, grace_s)
 
 

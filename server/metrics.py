@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -28,8 +27,7 @@ from prometheus_client.registry import Collector
 from server.audit import AuditStats
 from server.cache import CacheEngine, Outcome
 from server.cache.breaker import BreakerState
-from server.cache.types import Loader
-from server.domain.catalog import Catalog, with_loaders
+from server.domain.catalog import Catalog, with_load_reports
 from server.invalidator import OutboxInvalidator
 from server.warming import WarmResult
 
@@ -159,32 +157,12 @@ class Metrics:
         self.warmed_items.labels("post").inc(result.posts)
         self.warmed_items.labels("user").inc(result.users)
 
-    def timed_loader(self, family: str, load: Loader) -> Loader:
-        """`load`, counting and timing each call under the family's name."""
-        duration = self.db_load_duration.labels(family)
-        ok = self.db_loads.labels(family, "ok")
-        failed = self.db_loads.labels(family, "error")
-
-        async def timed(ids: Sequence[str]) -> Mapping[str, bytes]:
-            started = time.perf_counter()
-            try:
-                loaded = await load(ids)
-            except BaseException:  # the engine's timeout cancels the load: that is a failure too
-                failed.inc()
-                raise
-            finally:
-                duration.observe(time.perf_counter() - started)
-            ok.inc()
-            return loaded
-
-        return timed
-
     def timed_catalog(self, catalog: Catalog) -> Catalog:
-        """The same catalog, each family's loader counted and timed."""
-        return with_loaders(catalog, self.timed_loader)
+        """The same catalog, each family's loads counted and timed."""
+        return with_load_reports(catalog, self.load_observed)
 
     def load_observed(self, family: str, ok: bool, seconds: float) -> None:
-        """A load another process ran on this server's behalf (the warm worker): counted and timed."""
+        """One load of family's rows, by this process or by the warm worker: counted and timed."""
         self.db_load_duration.labels(family).observe(seconds)
         self.db_loads.labels(family, "ok" if ok else "error").inc()
 

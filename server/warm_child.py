@@ -11,8 +11,6 @@ import contextlib
 import functools
 import os
 import pickle
-import time
-from collections.abc import Mapping, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -43,27 +41,14 @@ def main(settings: dict[str, Any], redis_url: str, conn: Connection) -> None:
 
 async def _serve(settings_values: dict[str, Any], redis_url: str, conn: Connection) -> None:
     from server.building import build_cache, close_cache
-    from server.cache.types import Loader
     from server.config import Settings
-    from server.domain.catalog import with_loaders
+    from server.domain.catalog import with_load_reports
     from server.warming import Warmer
-
-    def reported(family: str, load: Loader) -> Loader:
-        # Each load is reported, so the server's metrics count the database work done on its behalf.
-        async def load_reporting(ids: Sequence[str]) -> Mapping[str, bytes]:
-            started, ok = time.perf_counter(), False
-            try:
-                loaded = await load(ids)
-                ok = True
-                return loaded
-            finally:
-                send(("load", family, ok, time.perf_counter() - started))
-
-        return load_reporting
 
     settings = Settings(**settings_values)
     cache = build_cache(settings, redis_url, events=False)
-    catalog = with_loaders(cache.catalog, reported)
+    # Each load crosses the pipe, so the server's metrics count the database work done on its behalf.
+    catalog = with_load_reports(cache.catalog, lambda *load: send(("load", *load)))
     warmer = Warmer.from_settings(settings, cache.engine, catalog, cache.queries)
     inbox: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
     loop = asyncio.get_running_loop()

@@ -26,7 +26,7 @@ from typing import Any
 from server import warm_child
 from server.config import Settings
 from server.errors import CacheUnavailableForWrite
-from server.warming import WarmProgress, WarmResult, observed
+from server.warming import WarmProgress, WarmResult, Warms
 
 _LOGGER = logging.getLogger(__name__)
 _CONTEXT = multiprocessing.get_context("spawn")  # fork would copy grpcio's threads and open sockets
@@ -41,7 +41,7 @@ class WarmWorkerExited(CacheUnavailableForWrite):
     default_reason = "WARM_WORKER_EXITED"
 
 
-class WarmWorker:
+class WarmWorker(Warms):
     """Runs warms in one long-lived child process, started on the first warm."""
 
     def __init__(
@@ -53,13 +53,13 @@ class WarmWorker:
         load_observed: Callable[[str, bool, float], None] | None = None,
     ) -> None:
         """observe hears of each warm, load_observed of each load the child ran (family, ok, seconds)."""
+        super().__init__(observe)
         # The child's pools need no more connections than the batches it runs at once.
         self._child_settings = settings.model_dump() | {
             "db_pool_size": settings.warm_concurrency,
             "redis_max_connections": 2 * settings.warm_concurrency + 2,
         }
         self._redis_url = redis_url
-        self._observe = observe
         self._load_observed = load_observed
         self._process: BaseProcess | None = None
         self._conn: Connection | None = None
@@ -72,17 +72,6 @@ class WarmWorker:
     def pid(self) -> int | None:
         """The child's process id while it runs."""
         return self._process.pid if self._process is not None else None
-
-    async def warm(
-        self,
-        *,
-        posts: int | None = None,
-        users: int | None = None,
-        active_within_s: float | None = None,
-        on_progress: Callable[[WarmProgress], None] | None = None,
-    ) -> WarmResult:
-        """Warm in the child; None means the configured default. Raises what the child's warm raised."""
-        return await observed(self._observe, self._warm(posts, users, active_within_s, on_progress))
 
     async def _warm(
         self,

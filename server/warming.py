@@ -6,10 +6,9 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
 
 from server.cache import CacheEngine, CacheUnavailable, Family
 from server.config import Settings
@@ -41,8 +40,14 @@ class WarmProgress:
     done: bool = False
 
 
-class Warms(Protocol):
-    """What runs a warm: a Warmer in this process, or a WarmWorker beside it."""
+class Warms:
+    """What runs a warm: a Warmer in this process, or a WarmWorker beside it.
+
+    observe hears of each warm: its result (None when it failed) and how long it took.
+    """
+
+    def __init__(self, observe: Callable[[WarmResult | None, float], None] | None) -> None:
+        self._observe = observe
 
     async def warm(
         self,
@@ -53,23 +58,28 @@ class Warms(Protocol):
         on_progress: Callable[[WarmProgress], None] | None = None,
     ) -> WarmResult:
         """Warm now; None means the configured default. Raises CacheUnavailable if Redis is down."""
-        ...
+        started = time.monotonic()
+        try:
+            result = await self._warm(posts, users, active_within_s, on_progress)
+        except BaseException:
+            if self._observe is not None:
+                self._observe(None, time.monotonic() - started)
+            raise
+        if self._observe is not None:
+            self._observe(result, time.monotonic() - started)
+        return result
 
+    async def _warm(
+        self,
+        posts: int | None,
+        users: int | None,
+        active_within_s: float | None,
+        on_progress: Callable[[WarmProgress], None] | None,
+    ) -> WarmResult:
+        raise NotImplementedError
 
-async def observed(
-    observe: Callable[[WarmResult | None, float], None] | None, warming: Awaitable[WarmResult]
-) -> WarmResult:
-    """Await a warm, then tell observe its result (None when it failed) and how long it took."""
-    started = time.monotonic()
-    try:
-        result = await warming
-    except BaseException:
-        if observe is not None:
-            observe(None, time.monotonic() - started)
-        raise
-    if observe is not None:
-        observe(result, time.monotonic() - started)
-    return result
+    async def close(self) -> None:
+        """Release what warming holds beyond the cache (the warm worker's process); nothing here."""
 
 
 async def warm_logged(warmer: Warms) -> None:
@@ -108,7 +118,7 @@ class _Pacer:
             await asyncio.sleep(start - now)
 
 
-class Warmer:
+class Warmer(Warms):
     """Loads what the seed's queries select and writes it with each family's tier TTL.
 
     Warming goes in batches through the same leases as any miss, at most `concurrency` batches at
@@ -130,6 +140,7 @@ class Warmer:
         rate_per_s: float = 2000,
         observe: Callable[[WarmResult | None, float], None] | None = None,
     ) -> None:
+        super().__init__(observe)
         self._engine = engine
         self._catalog = catalog
         self._queries = queries
@@ -139,7 +150,6 @@ class Warmer:
         self._batch_size = batch_size
         self._slots = asyncio.Semaphore(concurrency)
         self._pacer = _Pacer(rate_per_s)
-        self._observe = observe
 
     @classmethod
     def from_settings(
@@ -164,17 +174,6 @@ class Warmer:
             rate_per_s=settings.warm_rate_per_s,
             observe=observe,
         )
-
-    async def warm(
-        self,
-        *,
-        posts: int | None = None,
-        users: int | None = None,
-        active_within_s: float | None = None,
-        on_progress: Callable[[WarmProgress], None] | None = None,
-    ) -> WarmResult:
-        """Warm now; None means the configured default. Raises CacheUnavailable if Redis is down."""
-        return await observed(self._observe, self._warm(posts, users, active_within_s, on_progress))
 
     async def _warm(
         self,

@@ -93,3 +93,12 @@ async def posts_locked(engine: AsyncEngine) -> AsyncIterator[None]:
             yield
         finally:
             await transaction.rollback()
+
+
+async def posts_lock_waiters(engine: AsyncEngine) -> list[int]:
+    """The backends (pids) whose query of posts waits on a lock: held by posts_locked, say."""
+    async with engine.connect() as connection:
+        found = await connection.execute(
+            text("SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%posts%'")
+        )
+        return list(found.scalars())

@@ -19,7 +19,7 @@ from server.config import Settings
 from server.embedded_redis import EmbeddedRedis, free_port
 from tests.conftest import Database, Running, start_service, stop_service
 from tests.data import add_post, add_user
-from tests.helpers import call, error_of, posts_locked, until_async
+from tests.helpers import call, error_of, posts_lock_waiters, posts_locked, until_async
 
 BREAKER_FAILURES = 3
 
@@ -180,20 +180,12 @@ async def test_a_query_the_database_cancels_is_unavailable_not_unknown(
     await add_user(db_engine, "alice")
     await add_post(db_engine, "p1", "alice")
 
-    async def waiting_pid() -> int | None:
-        async with db_engine.connect() as connection:
-            found = await connection.execute(
-                text(
-                    "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%posts%'"
-                )
-            )
-            return found.scalar()
-
     async with posts_locked(db_engine):
         read = asyncio.ensure_future(error_of(service.stub.GetPost, pb.GetPostRequest(post_id="p1")))
-        await until_async(waiting_pid)
+        await until_async(lambda: posts_lock_waiters(db_engine))
+        (waiting,) = await posts_lock_waiters(db_engine)
         async with db_engine.connect() as connection:
-            await connection.execute(text("SELECT pg_cancel_backend(:pid)"), {"pid": await waiting_pid()})
+            await connection.execute(text("SELECT pg_cancel_backend(:pid)"), {"pid": waiting})
         code, details, reason = await read
     assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "DATABASE_UNAVAILABLE")
     assert "canceling statement" in details

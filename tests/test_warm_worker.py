@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import pytest
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from client.proto.cacheaside.v1 import cache_service_pb2 as pb
@@ -25,7 +25,7 @@ from server.warm_worker import WarmWorker
 from server.warming import Warmer
 from tests.conftest import Running, start_service, stop_service
 from tests.data import add_post, add_user
-from tests.helpers import call, posts_locked, until_async
+from tests.helpers import call, posts_lock_waiters, posts_locked, until_async
 
 
 async def _posts(engine: AsyncEngine, count: int) -> None:
@@ -41,15 +41,6 @@ _PATIENT = {"db_timeout_ms": 30_000, "lease_ttl_ms": 31_000}
 def _worker(running: Running) -> WarmWorker:
     assert isinstance(running.app.warmer, WarmWorker)
     return running.app.warmer
-
-
-async def _waiting_on_lock(engine: AsyncEngine) -> int:
-    """How many other sessions wait for a lock: the warm worker's loads, blocked by posts_locked."""
-    async with engine.connect() as connection:
-        found = await connection.execute(
-            text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
-        )
-        return int(found.scalar_one())
 
 
 async def test_warm_runs_in_a_child_at_idle_priority(settings: Settings, db_engine: AsyncEngine) -> None:
@@ -81,58 +72,50 @@ async def test_the_worker_stops_with_the_server(settings: Settings, db_engine: A
         os.kill(pid, 0)  # joined, so not even a zombie is left
 
 
-async def test_a_cancelled_warm_stops_in_the_child(
-    postgres_only: None, settings: Settings, db_engine: AsyncEngine
-) -> None:
+@pytest.fixture
+async def held(postgres_only: None, settings: Settings, db_engine: AsyncEngine) -> AsyncIterator[Running]:
+    """A service with 20 posts whose first WarmWithProgress, started under posts_locked, waits."""
     await _posts(db_engine, 20)
     running = await start_service(settings, warm_batch=5, **_PATIENT)
-    try:
-        async with posts_locked(db_engine):
-            stream = await _warm_held_by_the_lock(running, db_engine)
-            stream.cancel()
-            # The child cancels its warm, and with it the query that waited.
-            await until_async(lambda: _has_no_waiter(db_engine))
-        response, _ = await call(running.stub.Warm, pb.WarmRequest(popular_posts=20, active_users=1))
-    finally:
-        await stop_service(running)
+    yield running
+    await stop_service(running)
+
+
+def _warm_20(running: Running) -> Any:
+    return running.stub.WarmWithProgress(
+        pb.WarmWithProgressRequest(warm=pb.WarmRequest(popular_posts=20, active_users=1))
+    )
+
+
+async def _none_waiting(engine: AsyncEngine) -> bool:
+    return not await posts_lock_waiters(engine)
+
+
+async def test_a_cancelled_warm_stops_in_the_child(held: Running, db_engine: AsyncEngine) -> None:
+    async with posts_locked(db_engine):
+        stream = _warm_20(held)
+        await until_async(lambda: posts_lock_waiters(db_engine))  # the child's first query waits
+        stream.cancel()
+        # The child cancels its warm, and with it the query that waited.
+        await until_async(lambda: _none_waiting(db_engine))
+    response, _ = await call(held.stub.Warm, pb.WarmRequest(popular_posts=20, active_users=1))
     assert response.posts_warmed == 20, "the worker goes on serving after a cancel"
 
 
-async def _warm_held_by_the_lock(running: Running, engine: AsyncEngine) -> Any:
-    """A WarmWithProgress of 20 posts, once the child's first query waits on posts_locked."""
-    stream = running.stub.WarmWithProgress(
-        pb.WarmWithProgressRequest(warm=pb.WarmRequest(popular_posts=20, active_users=1))
-    )
-    await until_async(lambda: _has_waiter(engine))
-    return stream
-
-
-async def _has_waiter(engine: AsyncEngine) -> bool:
-    return await _waiting_on_lock(engine) > 0
-
-
-async def _has_no_waiter(engine: AsyncEngine) -> bool:
-    return await _waiting_on_lock(engine) == 0
-
-
 async def test_a_killed_worker_fails_its_warm_clearly_and_the_next_warm_starts_another(
-    postgres_only: None, settings: Settings, db_engine: AsyncEngine
+    held: Running, db_engine: AsyncEngine
 ) -> None:
-    await _posts(db_engine, 20)
-    running = await start_service(settings, warm_batch=5, **_PATIENT)
-    try:
-        async with posts_locked(db_engine):
-            stream = await _warm_held_by_the_lock(running, db_engine)
-            first_pid = _worker(running).pid
-            assert first_pid is not None
-            os.kill(first_pid, signal.SIGKILL)
-            with pytest.raises(grpc.aio.AioRpcError) as failed:
-                async for _report in stream:
-                    pass
-        response, _ = await call(running.stub.Warm, pb.WarmRequest(popular_posts=20, active_users=1))
-        second_pid = _worker(running).pid
-    finally:
-        await stop_service(running)
+    async with posts_locked(db_engine):
+        stream = _warm_20(held)
+        await until_async(lambda: posts_lock_waiters(db_engine))
+        first_pid = _worker(held).pid
+        assert first_pid is not None
+        os.kill(first_pid, signal.SIGKILL)
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            async for _report in stream:
+                pass
+    response, _ = await call(held.stub.Warm, pb.WarmRequest(popular_posts=20, active_users=1))
+    second_pid = _worker(held).pid
     assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "warm worker" in (failed.value.details() or "")
     assert "retry" in (failed.value.details() or "")

@@ -177,28 +177,22 @@ class RedisStore:
     async def mget(self, keys: Sequence[str]) -> tuple[int, list[bytes | None]]:
         """The namespace generation and the raw values of keys (None where absent), in one round trip."""
         names = [self.layout.generation(), *(self.layout.value(key) for key in keys)]
-
-        async def run() -> list[bytes | None]:
-            if isinstance(self.redis, RedisCluster):
-                return cast(list[bytes | None], await self.redis.mget_nonatomic(names))
-            # Without decode_responses the client returns bytes, never str.
-            return cast(list[bytes | None], await self.redis.mget(names))
-
-        values = await self._guarded(run)
+        values = await self._guarded(lambda: self._values(names))
         generation = int(values[0]) if values[0] is not None else await self._first_generation()
         return generation, values[1:]
 
     async def event_sequences(self) -> dict[str, int]:
         """The last number of every event counter: where a new subscriber's gap detection starts."""
         counters = self.layout.counters()
-
-        async def run() -> list[bytes | None]:
-            if isinstance(self.redis, RedisCluster):
-                return cast(list[bytes | None], await self.redis.mget_nonatomic(counters))
-            return cast(list[bytes | None], await self.redis.mget(counters))
-
-        values = await self._guarded(run)
+        values = await self._guarded(lambda: self._values(counters))
         return {counter: int(value or 0) for counter, value in zip(counters, values, strict=True)}
+
+    async def _values(self, names: Sequence[str]) -> list[bytes | None]:
+        # One MGET; on a cluster one per slot, sent together.
+        if isinstance(self.redis, RedisCluster):
+            return cast(list[bytes | None], await self.redis.mget_nonatomic(names))
+        # Without decode_responses the client returns bytes, never str.
+        return cast(list[bytes | None], await self.redis.mget(names))
 
     async def generation(self) -> int:
         """The namespace generation: entries written in another one are ignored."""

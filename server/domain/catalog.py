@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from server.cache import Family
@@ -32,13 +33,29 @@ def families(catalog: Catalog) -> list[Family]:
     return [getattr(catalog, field.name) for field in dataclasses.fields(catalog)]
 
 
-def with_loaders(catalog: Catalog, wrap: Callable[[str, Loader], Loader]) -> Catalog:
-    """The same catalog, each family's loader replaced by wrap(family name, loader): timing, reporting."""
+def with_load_reports(catalog: Catalog, report: Callable[[str, bool, float], None]) -> Catalog:
+    """The same catalog, each load reported as (family, ok, seconds): to metrics, or across a pipe.
+
+    A load the engine's timeout cancels is reported too, as failed.
+    """
     changes = {
-        field.name: dataclasses.replace(family, load=wrap(family.name, family.load))
+        field.name: dataclasses.replace(family, load=_reporting(family.name, family.load, report))
         for field, family in zip(dataclasses.fields(catalog), families(catalog), strict=True)
     }
     return dataclasses.replace(catalog, **changes)
+
+
+def _reporting(family: str, load: Loader, report: Callable[[str, bool, float], None]) -> Loader:
+    async def reported(ids: Sequence[str]) -> Mapping[str, bytes]:
+        started, ok = time.perf_counter(), False
+        try:
+            loaded = await load(ids)
+            ok = True
+            return loaded
+        finally:
+            report(family, ok, time.perf_counter() - started)
+
+    return reported
 
 
 def build_catalog(settings: Settings, queries: Queries) -> Catalog:
