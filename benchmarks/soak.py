@@ -4,8 +4,9 @@ Everything is real and private to the run: a redis-server and a PostgreSQL (init
 folder), each behind a TCP proxy the soak controls, and the service in a child process. Readers send
 GetPost and BatchGetPosts at about 70% of the capacity measured first; writers commit new versions
 of posts straight to PostgreSQL (as other services would) and then call Invalidate. Capacity is what
-the service sustains in its slowest mode, serving every read from the database while Redis is away,
-since the chaos puts it there; the readers then run for a while before the baseline is taken. The chaos
+the service sustains of that same mix in its slowest mode, serving every read from the database while
+Redis is away, since the chaos puts it there; the readers then run for a while before the baseline is
+taken. The chaos
 schedule freezes Redis (SIGSTOP) for 5 s, kills and restarts it, adds 200 ms of latency to Redis and
 then to PostgreSQL, cuts the service's PostgreSQL connections, and restarts PostgreSQL. At the end it
 prints and checks: failed reads (only UNAVAILABLE while PostgreSQL was down, cut off, or 200 ms slow is
@@ -74,20 +75,22 @@ def _version(title: str) -> int:
     return int(title.rsplit("v", 1)[1]) if "v" in title else 0
 
 
-async def _read_one(stub: Any, tally: Tally, rng: random.Random) -> None:
+def _send(stub: Any, rng: random.Random) -> tuple[Any, bool]:
+    """One read of the soak's mix: 90% GetPost of a Zipf-like choice, 10% BatchGetPosts of 20."""
+    if rng.random() < 0.1:
+        ids = [post_id(rng.randrange(POSTS)) for _ in range(20)]
+        return stub.BatchGetPosts(pb.BatchGetPostsRequest(post_ids=ids), timeout=10), True
     post = post_id(min(int(rng.paretovariate(1.1)) - 1, POSTS - 1))
+    return stub.GetPost(pb.GetPostRequest(post_id=post), timeout=10), False
+
+
+async def _read_one(stub: Any, tally: Tally, rng: random.Random) -> None:
     started = time.monotonic()
     down = tally.database_down
     try:
-        if rng.random() < 0.1:
-            ids = [post_id(rng.randrange(POSTS)) for _ in range(20)]
-            reply = stub.BatchGetPosts(pb.BatchGetPostsRequest(post_ids=ids), timeout=10)
-            response = await reply
-            posts = list(response.posts)
-        else:
-            reply = stub.GetPost(pb.GetPostRequest(post_id=post), timeout=10)
-            response = await reply
-            posts = [response.post]
+        reply, batch = _send(stub, rng)
+        response = await reply
+        posts = list(response.posts) if batch else [response.post]
         outcome = dict(await reply.initial_metadata()).get("x-cache", "?")
         tally.outcomes[outcome] = tally.outcomes.get(outcome, 0) + 1
         for found in posts:
@@ -225,17 +228,18 @@ async def _chaos(
 
 
 async def _capacity(stub: Any, seconds: float = 3.0) -> float:
+    """Reads per second of the soak's own mix, from 16 callers that each wait for their answer."""
     done = 0
     deadline = time.monotonic() + seconds
 
-    async def loop() -> None:
+    async def loop(seed: int) -> None:
         nonlocal done
-        rng = random.Random(5)
+        rng = random.Random(seed)
         while time.monotonic() < deadline:
-            await stub.GetPost(pb.GetPostRequest(post_id=post_id(rng.randrange(POSTS))), timeout=10)
+            await _send(stub, rng)[0]
             done += 1
 
-    await asyncio.gather(*(loop() for _ in range(16)))
+    await asyncio.gather(*(loop(seed) for seed in range(16)))
     return done / seconds
 
 
@@ -273,6 +277,9 @@ async def main(argv: list[str] | None = None, *, log: Callable[[str], None] = pr
                 assert redis_server._process is not None
                 os.kill(redis_server._process.pid, signal.SIGSTOP)  # the breaker opens: reads bypass
                 try:
+                    # A frozen Redis keeps its pub/sub connection, so the near cache serves until its
+                    # entries expire: only after that is every read a database read.
+                    await _capacity(stub, served.near_cache_ttl_ms / 1000 + 1)
                     bypass = await _capacity(stub)
                 finally:
                     os.kill(redis_server._process.pid, signal.SIGCONT)

@@ -69,8 +69,9 @@ def build_cache(settings: Settings, redis_url: str, *, events: bool = True) -> C
         error_backoff_ms=settings.db_error_backoff_ms,
         max_concurrent_loads=settings.max_concurrent_loads,
         load_queue_ms=settings.load_queue_ms,
+        max_waiting_misses=settings.max_waiting_misses,
     )
-    database = db.create_engine(settings)
+    database = db.create_engine(settings, reads_only=True)  # the service only reads
     queries = Queries(database)
     catalog = build_catalog(settings, queries)
     for family in families(catalog):

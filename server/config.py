@@ -90,6 +90,7 @@ class Settings(BaseSettings):
     max_concurrent_rpcs: int = Field(default=1000, ge=0)
     max_concurrent_loads: int = Field(default=10, ge=0)
     load_queue_ms: int = Field(default=200, ge=0)
+    max_waiting_misses: int = Field(default=500, ge=0)
     audit_interval_s: float = Field(default=60, ge=0)
     audit_samples: int = Field(default=10, gt=0, le=1000)
     audit_grace_ms: int = Field(default=1000, ge=0)

@@ -212,14 +212,21 @@ class _EngineCollector(Collector):
         flights = CounterMetricFamily(
             "cacheaside_engine_flights",
             "Miss handling: loads coalesced in this process, waits for another caller's lease, fills "
-            "refused after an invalidation, early (probabilistic) refreshes.",
+            "refused after an invalidation, early (probabilistic) refreshes, misses refused because "
+            "CACHEASIDE_MAX_WAITING_MISSES callers already waited on loads.",
             labels=["event"],
         )
         flights.add_metric(["coalesced"], stats.coalesced)
         flights.add_metric(["lease_wait"], stats.lease_waits)
         flights.add_metric(["fill_refused"], stats.fills_refused)
         flights.add_metric(["early_refresh"], stats.early_refreshes)
+        flights.add_metric(["refused_waiting"], stats.misses_refused)
         yield flights
+        yield GaugeMetricFamily(
+            "cacheaside_misses_waiting",
+            "Calls waiting on database loads now; past CACHEASIDE_MAX_WAITING_MISSES a miss is refused.",
+            value=self._engine.waiting_misses,
+        )
         yield CounterMetricFamily(
             "cacheaside_db_loads_refused",
             "Misses refused at once because every database load slot was taken (DATABASE_SATURATED).",

@@ -28,6 +28,7 @@ from server.cache import (
     Family,
     FlightTimeout,
     LoadTimeout,
+    MissesSaturated,
     Outcome,
     RecentLoadFailure,
 )
@@ -343,6 +344,12 @@ def service_error(exc: Exception) -> ServiceError:
     if isinstance(exc, FlightTimeout):
         return DatabaseUnavailable(
             f"the shared load did not finish within {exc.timeout_s:.1f} s; retry later", reason="LOAD_TIMEOUT"
+        )
+    if isinstance(exc, MissesSaturated):
+        return DatabaseUnavailable(
+            f"the database is slow: {exc.limit} misses already wait on loads in this server "
+            "(CACHEASIDE_MAX_WAITING_MISSES), so this miss was refused rather than queued; retry shortly",
+            reason="DATABASE_SATURATED",
         )
     if isinstance(exc, DatabaseSaturated):
         return DatabaseUnavailable(

@@ -24,6 +24,7 @@ class TcpProxy:
         self._writers: set[asyncio.StreamWriter] = set()
         self.mode = ProxyMode.FORWARD
         self.latency_s = 0.0  # added before each chunk is passed on, both ways
+        self.sent_upstream = 0  # chunks passed from clients to the upstream: their round trips, or more
         self.port = 0
 
     async def start(self) -> TcpProxy:
@@ -57,7 +58,10 @@ class TcpProxy:
             up_reader, up_writer = await asyncio.open_connection(*self._upstream)
             self._writers.add(up_writer)
             try:
-                await asyncio.gather(_pipe(reader, up_writer, self), _pipe(up_reader, writer, self))
+                await asyncio.gather(
+                    _pipe(reader, up_writer, self, upstream=True),
+                    _pipe(up_reader, writer, self, upstream=False),
+                )
             finally:
                 self._writers.discard(up_writer)
                 up_writer.close()
@@ -68,9 +72,12 @@ class TcpProxy:
             writer.close()
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, proxy: TcpProxy) -> None:
+async def _pipe(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, proxy: TcpProxy, *, upstream: bool
+) -> None:
     with contextlib.suppress(ConnectionError, OSError):
         while data := await reader.read(65536):
+            proxy.sent_upstream += upstream
             if proxy.latency_s:
                 await asyncio.sleep(proxy.latency_s)
             writer.write(data)

@@ -156,6 +156,44 @@ async def test_a_miss_past_the_load_limit_is_unavailable_at_once_and_hits_do_not
         await stop_service(running)
 
 
+async def test_misses_past_the_waiting_limit_are_unavailable_at_once_and_hits_still_answer(
+    settings: Settings, db_engine: AsyncEngine, redis_client: aioredis.Redis, posts: list[str]
+) -> None:
+    # A slow database: one load holds while callers pile up behind it. They are bounded apart from
+    # the calls in progress, so the hits keep the rest of CACHEASIDE_MAX_CONCURRENT_RPCS.
+    running = await start_service(settings, max_waiting_misses=2, max_concurrent_rpcs=4)
+    try:
+        stub, engine = running.stub, running.app.engine
+        await call(stub.GetPost, pb.GetPostRequest(post_id="p0"))
+        held = HeldLoads(engine, "post:p1")
+        waiting = [asyncio.create_task(call(stub.GetPost, pb.GetPostRequest(post_id="p1"))) for _ in range(2)]
+        await until(lambda: held.held == ["post:p1"] and engine.waiting_misses == 2)
+
+        started = time.monotonic()
+        code, details, reason = await error_of(stub.GetPost, pb.GetPostRequest(post_id="p2"))
+        assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "DATABASE_SATURATED")
+        assert "CACHEASIDE_MAX_WAITING_MISSES" in details
+        assert time.monotonic() - started < FAST_S
+        code, _, reason = await error_of(stub.GetPost, pb.GetPostRequest(post_id="p1"))
+        assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "DATABASE_SATURATED"), "joining counts too"
+        registry = running.app.metrics.registry
+        assert registry.get_sample_value("cacheaside_engine_flights_total", {"event": "refused_waiting"}) == 2
+        assert registry.get_sample_value("cacheaside_misses_waiting") == 2
+
+        _, meta = await call(stub.GetPost, pb.GetPostRequest(post_id="p0"))
+        assert meta["x-cache"] == "hit", "hits never count against the waiting misses"
+
+        held.release.set()
+        for task in waiting:
+            response, meta = await task
+            assert response.post.id == "p1"
+        assert engine.waiting_misses == 0
+        response, meta = await call(stub.GetPost, pb.GetPostRequest(post_id="p2"))
+        assert (response.post.id, meta["x-cache"]) == ("p2", "miss"), "a refusal leaves no mark on the key"
+    finally:
+        await stop_service(running)
+
+
 async def test_warming_waits_for_a_load_slot_where_a_miss_is_refused(
     settings: Settings, db_engine: AsyncEngine, redis_client: aioredis.Redis, posts: list[str]
 ) -> None:

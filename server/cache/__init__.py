@@ -9,6 +9,7 @@ from server.cache.types import (
     Fetched,
     FlightTimeout,
     LoadTimeout,
+    MissesSaturated,
     Outcome,
     RecentLoadFailure,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "FillNotifier",
     "FlightTimeout",
     "LoadTimeout",
+    "MissesSaturated",
     "Outcome",
     "RecentLoadFailure",
     "RedisStore",

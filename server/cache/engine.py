@@ -45,6 +45,7 @@ class CacheEngine:
         error_backoff_ms: int = 1000,
         max_concurrent_loads: int = 0,
         load_queue_ms: int = 0,
+        max_waiting_misses: int = 0,
     ) -> None:
         self.store = store
         self.notifier = notifier
@@ -73,6 +74,7 @@ class CacheEngine:
             lease_ms=lease_ttl_ms,
             error_backoff_ms=error_backoff_ms,
             now_ms=self._now_ms,
+            max_waiting=max_waiting_misses,
         )
         self._lease_ms = lease_ttl_ms
         self._refreshing: set[str] = set()
@@ -91,6 +93,11 @@ class CacheEngine:
 
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
+
+    @property
+    def waiting_misses(self) -> int:
+        """Calls of this process waiting on database loads right now (bounded by max_waiting_misses)."""
+        return self._flights.waiting
 
     async def fetch(self, pairs: Sequence[tuple[Family, str]]) -> Fetched:
         """Answer every (family, id): one MGET, then leases and one query per family for the misses."""

@@ -26,6 +26,7 @@ from server.cache.types import (
     DatabaseSaturated,
     EngineStats,
     FlightTimeout,
+    MissesSaturated,
     Outcome,
     RecentLoadFailure,
     Resolved,
@@ -61,6 +62,7 @@ class LeaseFlights:
         lease_ms: int,
         error_backoff_ms: int,
         now_ms: Callable[[], int],
+        max_waiting: int = 0,
     ) -> None:
         self._store = store
         self._notifier = notifier
@@ -70,6 +72,10 @@ class LeaseFlights:
         self._lease_ms = lease_ms
         self._error_backoff_ms = error_backoff_ms
         self._now_ms = now_ms
+        # Callers in resolve, each waiting on loads (its own flights or joined ones). A slow database
+        # makes them pile up; past max_waiting a miss is refused, so they never crowd out the hits.
+        self.max_waiting = max_waiting
+        self.waiting = 0
         # A waiter may wait out a dead holder's lease, then load itself.
         self._flight_timeout_s = lease_ms / 1000 + loading.timeout_s + 1.0
         # Keyed by generation too: a read after invalidate-everything never joins an older load.
@@ -100,8 +106,20 @@ class LeaseFlights:
     async def resolve(self, lookups: Sequence[Lookup], generation: int) -> dict[str, Result]:
         """Each key's answer, or the exception its load ended with; joins flights already under way.
 
-        With generation BYPASS (Redis is down) the flight loads straight from the database.
+        With generation BYPASS (Redis is down) the flight loads straight from the database. Past
+        max_waiting callers already here, every key's answer is MissesSaturated, at once.
         """
+        if self.max_waiting and self.waiting >= self.max_waiting:
+            self._stats.misses_refused += 1
+            refusal = MissesSaturated(self.max_waiting)
+            return {lookup.key: refusal for lookup in lookups}
+        self.waiting += 1
+        try:
+            return await self._resolve(lookups, generation)
+        finally:
+            self.waiting -= 1
+
+    async def _resolve(self, lookups: Sequence[Lookup], generation: int) -> dict[str, Result]:
         loop = asyncio.get_running_loop()
         futures: dict[str, asyncio.Future[Resolved]] = {}
         new: list[Lookup] = []

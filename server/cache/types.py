@@ -52,6 +52,14 @@ class DatabaseSaturated(Exception):
         self.limit = limit
 
 
+class MissesSaturated(DatabaseSaturated):
+    """As many callers as allowed already wait on database loads: another miss is refused at once."""
+
+    def __init__(self, limit: int) -> None:
+        Exception.__init__(self, f"{limit} misses of this process already wait on database loads")
+        self.limit = limit
+
+
 class RecentLoadFailure(Exception):
     """Another caller's load of this key failed moments ago; we back off instead of piling on."""
 
@@ -102,6 +110,9 @@ class EngineStats:
     loads: int = 0
     load_failures: int = 0
     loads_refused: int = 0  # misses refused because every load slot was taken (DatabaseSaturated)
+    misses_refused: int = (
+        0  # misses refused because the most callers allowed waited already (MissesSaturated)
+    )
     loads_by_family: dict[str, int] = field(default_factory=dict)
     flight_callers: int = 0  # callers that needed a missing key, each counted once per key
     coalesced: int = 0  # of those, callers that joined a load already in flight in this process
