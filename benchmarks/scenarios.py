@@ -196,7 +196,7 @@ async def _call(stub: Any, scenario: Scenario, body: bytes) -> tuple[bytes, str]
         response = await call
     except grpc.aio.AioRpcError as exc:
         raise CheckFailed(f"{scenario.name}: {exc.code().name} {exc.details()}") from exc
-    metadata = dict(await call.initial_metadata())
+    metadata = dict(await call.trailing_metadata())
     return response.SerializeToString(), str(metadata.get("x-cache", ""))
 
 

@@ -91,7 +91,7 @@ async def _read_one(stub: Any, tally: Tally, rng: random.Random) -> None:
         reply, batch = _send(stub, rng)
         response = await reply
         posts = list(response.posts) if batch else [response.post]
-        outcome = dict(await reply.initial_metadata()).get("x-cache", "?")
+        outcome = dict(await reply.trailing_metadata()).get("x-cache", "?")
         tally.outcomes[outcome] = tally.outcomes.get(outcome, 0) + 1
         for found in posts:
             expected = tally.expected(found.id, started)

@@ -83,13 +83,13 @@ class Reply(Generic[ResponseT]):
 
     @property
     def cache(self) -> str | None:
-        """x-cache: hit, miss or bypass (reads only)."""
-        return self.initial_metadata.get("x-cache")
+        """x-cache: hit, miss, stale or bypass (reads only; trailing metadata)."""
+        return self.trailing_metadata.get("x-cache")
 
     @property
     def tier(self) -> str | None:
-        """x-cache-tier: hot, warm or cold (reads only)."""
-        return self.initial_metadata.get("x-cache-tier")
+        """x-cache-tier: hot, warm or cold (reads only; trailing metadata)."""
+        return self.trailing_metadata.get("x-cache-tier")
 
     @property
     def request_id(self) -> str | None:

@@ -32,6 +32,7 @@ from server.cache import (
     Outcome,
     RecentLoadFailure,
 )
+from server.config import Tier
 from server.domain import invalidation
 from server.domain.catalog import Catalog
 from server.domain.keys import TAGS
@@ -125,10 +126,14 @@ class CacheService:
     def _read(self, rpc: str, plan_of: Callable[[Any], ReadPlan]) -> Handler:
         record = self._observer.read_recorder(rpc) if self._observer is not None else None
         note = self._recent_reads.note if self._recent_reads is not None else None
+        engine = self._engine
 
         async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
             plan = plan_of(request)
-            fetched = await _within_deadline(context, self._engine.fetch(plan.lookups))
+            # A near-cache hit needs no I/O, hence no deadline timer either.
+            fetched = engine.fetch_near(plan.lookups)
+            if fetched is None:
+                fetched = await _within_deadline(context, engine.fetch_shared(plan.lookups))
             if record is not None:
                 record(fetched.outcome, plan.lookups[0][0].tier)
             if note is not None:
@@ -139,15 +144,11 @@ class CacheService:
                     item_id for (_, item_id), p in zip(plan.lookups, payloads, strict=True) if p is None
                 ]
                 raise NotFound(_not_found_message(plan.subject, missing))
-            try:
-                await context.send_initial_metadata(
-                    (("x-cache", fetched.outcome.value), ("x-cache-tier", plan.lookups[0][0].tier))
-                )
-            except Exception:
-                if context.done() or context.cancelled():
-                    # The caller left while we answered: a cancellation, not a server error.
-                    raise asyncio.CancelledError from None
-                raise
+            # Trailing metadata leaves with the response and status in one batch; initial metadata
+            # would be a batch of its own, 15% of a near-cache hit's CPU. Appended to the request id.
+            context.set_trailing_metadata(
+                (*context.trailing_metadata(), *_CACHE_METADATA[fetched.outcome, plan.lookups[0][0].tier])
+            )
             return plan.build(payloads)  # type: ignore[arg-type]  # no None left: checked above
 
         return _guarded(handle)
@@ -321,6 +322,13 @@ async def _within_deadline(context: grpc.aio.ServicerContext[Any, Any], work: Aw
             "the answer was not ready within your deadline; the load goes on, so a retry may hit the cache"
         ) from exc
 
+
+# (outcome, tier) -> the x-cache and x-cache-tier entries of a read's trailing metadata, built once.
+_CACHE_METADATA = {
+    (outcome, tier.value): (("x-cache", outcome.value), ("x-cache-tier", tier.value))
+    for outcome in Outcome
+    for tier in Tier
+}
 
 _UNAVAILABLE_ERRORS = (
     ServiceError,

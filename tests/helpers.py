@@ -20,10 +20,10 @@ from server.config import Settings, Tier
 
 
 async def call(method: Any, request: Any, **kwargs: Any) -> tuple[Any, dict[str, str]]:
-    """Call a unary method; return the response and the initial metadata."""
+    """Call a unary method; return the response and its metadata (initial and trailing, in one dict)."""
     pending = method(request, **kwargs)
     response = await pending
-    return response, dict(await pending.initial_metadata())
+    return response, dict(await pending.initial_metadata()) | dict(await pending.trailing_metadata())
 
 
 async def error_of(method: Any, request: Any) -> tuple[grpc.StatusCode, str, str]:

@@ -89,12 +89,10 @@ function createClient(target, { token, timeoutMs = DEFAULT_TIMEOUT_MS, credentia
           answered = { error, response };
           settle();
         });
-        call.on("metadata", (headers) => {
-          result.cache = headers.get("x-cache")[0];
-          result.tier = headers.get("x-cache-tier")[0];
-        });
         call.on("status", (status) => {
           trailers = status.metadata;
+          result.cache = trailers.get("x-cache")[0];
+          result.tier = trailers.get("x-cache-tier")[0];
           settle();
         });
       });

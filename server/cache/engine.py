@@ -101,18 +101,29 @@ class CacheEngine:
 
     async def fetch(self, pairs: Sequence[tuple[Family, str]]) -> Fetched:
         """Answer every (family, id): one MGET, then leases and one query per family for the misses."""
-        lookups = [Lookup(family, item_id, family.key(item_id)) for family, item_id in pairs]
-        near = (
-            self.near
-            if self.near is not None and self.notifier and self.notifier.connected.is_set()
-            else None
+        fetched = self.fetch_near(pairs)
+        return fetched if fetched is not None else await self.fetch_shared(pairs)
+
+    def fetch_near(self, pairs: Sequence[tuple[Family, str]]) -> Fetched | None:
+        """Every (family, id) from the near cache, with no I/O; None if any is missing there."""
+        near = self._coherent_near()
+        if near is None:
+            return None
+        return self._near_hit(
+            near, [Lookup(family, item_id, family.key(item_id)) for family, item_id in pairs]
         )
-        near_version = 0
-        if near is not None:
-            near_version = near.version
-            held = self._near_hit(near, lookups)
-            if held is not None:
-                return held
+
+    def _coherent_near(self) -> NearCache | None:
+        # Only while the events that keep it coherent arrive.
+        if self.near is not None and self.notifier and self.notifier.connected.is_set():
+            return self.near
+        return None
+
+    async def fetch_shared(self, pairs: Sequence[tuple[Family, str]]) -> Fetched:
+        """fetch past the near cache: Redis, then leases and loads; fills the near cache on the way."""
+        lookups = [Lookup(family, item_id, family.key(item_id)) for family, item_id in pairs]
+        near = self._coherent_near()
+        near_version = near.version if near is not None else 0
         try:
             generation, raws = await self.store.mget([lookup.key for lookup in lookups])
         except CacheUnavailable:
