@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from server import db, tls
 from server.audit import ConsistencyAuditor, RecentReads, loaders_by_family
-from server.auth import AuthInterceptor
+from server.auth import TokenCheck
 from server.building import Cache, build_cache, close_cache
 from server.cache import CacheEngine
 from server.config import Settings
@@ -26,9 +26,9 @@ from server.domain.catalog import families
 from server.embedded_redis import EmbeddedRedis
 from server.health import HealthChecker
 from server.invalidator import OutboxInvalidator
-from server.limits import ConcurrencyLimitInterceptor
+from server.limits import ConcurrencyLimit
 from server.metrics import Metrics, MetricsServer
-from server.observability import ObservabilityInterceptor
+from server.observability import Observability
 from server.service import SERVICE_NAME, CacheService
 from server.warm_worker import WarmWorker
 from server.warming import Warmer, Warms, warm_every, warm_logged
@@ -129,7 +129,7 @@ def create_app(
     """
     metrics = Metrics(worker=worker)
     # The port first: a server that cannot listen fails before it opens any pool.
-    server, port = _bound_server(settings, metrics, reuse_port=reuse_port)
+    server, port = _bound_server(settings, reuse_port=reuse_port)
     redis_url = redis_url or settings.redis_url
     cache = build_cache(settings, redis_url)
     engine, database, queries, untimed_catalog = cache.engine, cache.database, cache.queries, cache.catalog
@@ -165,9 +165,9 @@ def create_app(
         metrics=metrics,
     )
     # Registered methods skip grpcio's generic lookup per call; grpc-stubs predates the API.
+    service = CacheService(engine, catalog, warmer, observer=metrics, recent_reads=recent_reads)
     server.add_registered_method_handlers(  # type: ignore[attr-defined]
-        SERVICE_NAME,
-        CacheService(engine, catalog, warmer, observer=metrics, recent_reads=recent_reads).method_handlers(),
+        SERVICE_NAME, _guarded_handlers(service.method_handlers(), settings, metrics)
     )
     health_pb2_grpc.add_HealthServicer_to_server(checker.servicer, server)
     if settings.reflection:
@@ -197,20 +197,31 @@ def create_app(
     )
 
 
-def _bound_server(settings: Settings, metrics: Metrics, *, reuse_port: bool) -> tuple[grpc.aio.Server, int]:
-    """The gRPC server with its interceptors and options, bound to CACHEASIDE_LISTEN; returns the port."""
+def _guarded_handlers(
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]], settings: Settings, metrics: Metrics
+) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
+    """The service's handlers, each wrapped once: observed, then the token check, then the call limit.
+
+    Outermost first, so rejected calls are counted and carry a request id too, and a call refused for
+    its token never takes a slot. Wrappers, not server interceptors: grpc.aio runs an interceptor chain
+    on every call of every method, which was 57 us of a near-cache hit's 314 us of CPU; a wrapper built
+    once costs a call only its own work. Health and reflection are not wrapped: always open, never
+    limited.
+    """
+    observability = Observability(metrics)
+    tokens = TokenCheck(
+        admin_token=settings.admin_token.get_secret_value(), read_token=settings.read_token.get_secret_value()
+    )
+    limit = ConcurrencyLimit(limit=settings.max_concurrent_rpcs)
+    return {
+        rpc: observability.wrap(rpc, tokens.wrap(rpc, limit.wrap(handler)))
+        for rpc, handler in handlers.items()
+    }
+
+
+def _bound_server(settings: Settings, *, reuse_port: bool) -> tuple[grpc.aio.Server, int]:
+    """The gRPC server with its options, bound to CACHEASIDE_LISTEN; returns the port."""
     server = grpc.aio.server(
-        # Outermost first: rejected calls are counted and carry a request id too.
-        interceptors=[
-            ObservabilityInterceptor(metrics),
-            AuthInterceptor(
-                service=SERVICE_NAME,
-                admin_token=settings.admin_token.get_secret_value(),
-                read_token=settings.read_token.get_secret_value(),
-            ),
-            # Innermost: a call refused for a bad token never takes one of the slots.
-            ConcurrencyLimitInterceptor(service=SERVICE_NAME, limit=settings.max_concurrent_rpcs),
-        ],
         # grpcio sets SO_REUSEPORT by default, which would let two servers share a port by accident.
         options=[
             ("grpc.so_reuseport", int(reuse_port)),

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, NoReturn
 
 import grpc
 
@@ -19,45 +19,59 @@ _LOGGER = logging.getLogger(__name__)
 _SCHEME = "bearer "
 ADMIN_METHODS = frozenset({"Invalidate", "Warm", "WarmWithProgress"})
 
-if TYPE_CHECKING:  # generic in grpc-stubs only
-    _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
-else:
-    _Interceptor = grpc.aio.ServerInterceptor
+_Context = grpc.aio.ServicerContext[Any, Any]
 
 
-class AuthInterceptor(_Interceptor):
+class TokenCheck:
     """Checks the `authorization: Bearer <token>` metadata of the service's calls."""
 
-    def __init__(self, *, service: str, admin_token: str, read_token: str) -> None:
-        self._prefix = f"/{service}/"
+    def __init__(self, *, admin_token: str, read_token: str) -> None:
         self._admin = [admin_token.encode()] if admin_token else []
         # The admin token may read too: an operator should not need two tokens.
         self._read = [read_token.encode(), *self._admin] if read_token else []
-        self._missing = _rejecting("MISSING_TOKEN")
-        self._invalid = _rejecting("INVALID_TOKEN")
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        method: str = handler_call_details.method
-        if not method.startswith(self._prefix):
-            return await continuation(handler_call_details)
-        accepted = self._admin if method[len(self._prefix) :] in ADMIN_METHODS else self._read
+    def wrap(self, rpc: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+        """The handler of method `rpc`, run only for a valid token (without tokens set: itself)."""
+        accepted = self._admin if rpc in ADMIN_METHODS else self._read
         if not accepted:
-            return await continuation(handler_call_details)
-        token = _bearer(handler_call_details.invocation_metadata or ())
-        if token is None:
-            return self._missing
-        # Compare with every accepted token, so the time taken does not say which one nearly matched.
-        matches = [hmac.compare_digest(token, candidate) for candidate in accepted]
-        if not any(matches):
-            return self._invalid
-        return await continuation(handler_call_details)
+            return handler
+        if handler.unary_stream is not None:
+            stream: Callable[[Any, _Context], AsyncIterator[Any]] = handler.unary_stream  # type: ignore[assignment]
+
+            async def checked_stream(request: Any, context: _Context) -> AsyncIterator[Any]:
+                await _check(context, accepted)
+                async for message in stream(request, context):
+                    yield message
+
+            return grpc.unary_stream_rpc_method_handler(
+                checked_stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        unary: Callable[[Any, _Context], Awaitable[Any]] = handler.unary_unary  # type: ignore[assignment]
+
+        async def checked(request: Any, context: _Context) -> Any:
+            await _check(context, accepted)
+            return await unary(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            checked,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
 
-def _bearer(metadata: Sequence[tuple[str, str | bytes]]) -> bytes | None:
+async def _check(context: _Context, accepted: list[bytes]) -> None:
+    token = _bearer(context.invocation_metadata() or ())
+    if token is None:
+        await _reject(context, "MISSING_TOKEN")
+    # Compare with every accepted token, so the time taken does not say which one nearly matched.
+    matches = [hmac.compare_digest(token, candidate) for candidate in accepted]
+    if not any(matches):
+        await _reject(context, "INVALID_TOKEN")
+
+
+def _bearer(metadata: Iterable[tuple[str, str | bytes]]) -> bytes | None:
     # Exactly one authorization entry: with several, which one a proxy or a client meant is a guess,
     # and picking whichever is valid would let a forged header ride along with a real one.
     values = [value for key, value in metadata if key == "authorization"]
@@ -75,13 +89,8 @@ _MESSAGES = {
 }
 
 
-def _rejecting(reason: str) -> grpc.RpcMethodHandler[Any, Any]:
+async def _reject(context: _Context, reason: str) -> NoReturn:
     message = _MESSAGES[reason]
-
-    async def reject(_request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
-        _LOGGER.warning("call rejected: %s", message, extra={"reason": reason, "peer": context.peer()})
-        await context.abort_with_status(to_status(Unauthenticated(message, reason=reason)))  # type: ignore[attr-defined]
-        raise AssertionError("abort_with_status returned")  # pragma: no cover
-
-    # No deserializer: a rejected request is never parsed.
-    return grpc.unary_unary_rpc_method_handler(reject)
+    _LOGGER.warning("call rejected: %s", message, extra={"reason": reason, "peer": context.peer()})
+    await context.abort_with_status(to_status(Unauthenticated(message, reason=reason)))  # type: ignore[attr-defined]
+    raise AssertionError("abort_with_status returned")  # pragma: no cover

@@ -1,5 +1,5 @@
-"""The outermost interceptor: a request id for every call, its status and latency in the metrics, and a
-log line for the calls that failed on the server's side.
+"""The outermost wrapper of the service's handlers: a request id for every call, its status and latency in
+the metrics, and a log line for the calls that failed on the server's side.
 
 A cache hit passes through here too, so the per-call work is small: the wrapped handler is built once
 per method, not per call, and nothing is logged for a successful call unless DEBUG is on.
@@ -13,7 +13,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 
@@ -37,40 +37,17 @@ _SERVER_SIDE = frozenset(
 
 Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 
-if TYPE_CHECKING:  # generic in grpc-stubs only
-    _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
-else:
-    _Interceptor = grpc.aio.ServerInterceptor
 
-
-class ObservabilityInterceptor(_Interceptor):
+class Observability:
     """Sets the request id, counts and times every unary call, and logs server-side failures."""
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
-        # (method, id of its handler) -> (handler, wrapped): the handler is kept so its id stays unique.
-        # Keyed by both because the auth interceptor answers every method with one rejecting handler.
-        self._wrapped: dict[
-            tuple[str, int], tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]
-        ] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler  # unknown methods and streams (health Watch, reflection) pass as they are
-        method: str = handler_call_details.method
-        key = (method, id(handler))
-        cached = self._wrapped.get(key)
-        if cached is None:
-            cached = self._wrapped[key] = (handler, self._wrap(method, handler))
-        return cached[1]
-
-    def _wrap(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
-        rpc = method.rpartition("/")[2]
+    def wrap(self, rpc: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+        """The unary handler of method `rpc`, observed (streams as they are)."""
+        if handler.unary_unary is None:
+            return handler
         inner: Behavior = handler.unary_unary  # type: ignore[assignment]  # checked by the caller
         duration = self._metrics.rpc_duration.labels(rpc)
         requests = self._metrics.rpc_requests
