@@ -79,7 +79,9 @@ def _bearer(metadata: Iterable[tuple[str, str | bytes]]) -> bytes | None:
         return b"" if values else None  # b"": present but unusable, so INVALID_TOKEN
     value = values[0]
     if isinstance(value, str) and value[: len(_SCHEME)].lower() == _SCHEME:
-        return value[len(_SCHEME) :].strip().encode()
+        # Only HTTP's optional whitespace (space, tab): str.strip() would also drop control
+        # characters such as \x1c, and accept a token the caller never had.
+        return value[len(_SCHEME) :].strip(" \t").encode()
     return None
 
 

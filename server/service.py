@@ -191,7 +191,8 @@ class CacheService:
 
     def _plan_batch_posts(self, request: pb.BatchGetPostsRequest) -> ReadPlan:
         ids = check_ids("post_ids", request.post_ids)
-        lookups = [(self._catalog.post, post_id) for post_id in ids]
+        post = self._catalog.post
+        lookups = [(post, post_id) for post_id in ids]
         return ReadPlan(lookups, "post", lambda parts: wire.frame_all(_RESPONSE_FIELD, parts))
 
     def _plan_trending(self, request: pb.GetTrendingRequest) -> ReadPlan:

@@ -40,7 +40,11 @@ def check_ids(field: str, values: Sequence[str], *, max_count: int = MAX_BATCH) 
             f"{field} names {len(values)} ids; at most {max_count} per call, so split the batch",
             reason="BATCH_TOO_LARGE",
         )
-    return [check_id(f"{field}[{index}]", value) for index, value in enumerate(values)]
+    fullmatch = _ID.fullmatch
+    for index, value in enumerate(values):
+        if not fullmatch(value):
+            check_id(f"{field}[{index}]", value)  # raises, naming the id at fault
+    return list(values)
 
 
 def check_limit(field: str, value: int, *, default: int, maximum: int) -> int:

@@ -10,13 +10,21 @@ from __future__ import annotations
 _WIRE_TYPE_LEN = 2
 
 
-def _varint(value: int) -> bytes:
+def _encode_varint(value: int) -> bytes:
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+# Lengths of cached records are almost always under 16 KiB: their varints come from a table, once built.
+_SHORT_VARINTS = [_encode_varint(value) for value in range(1 << 14)]
+
+
+def _varint(value: int) -> bytes:
+    return _SHORT_VARINTS[value] if value < 1 << 14 else _encode_varint(value)
 
 
 def frame(field_number: int, payload: bytes) -> bytes:
@@ -27,7 +35,12 @@ def frame(field_number: int, payload: bytes) -> bytes:
 def frame_all(field_number: int, payloads: list[bytes]) -> bytes:
     """The records of a repeated message field, in order."""
     tag = _varint((field_number << 3) | _WIRE_TYPE_LEN)
-    return b"".join(tag + _varint(len(payload)) + payload for payload in payloads)
+    short = _SHORT_VARINTS
+    parts: list[bytes] = []
+    for payload in payloads:
+        size = len(payload)
+        parts += (tag, short[size] if size < 1 << 14 else _encode_varint(size), payload)
+    return b"".join(parts)
 
 
 def take_records(buffer: bytes, count: int) -> bytes:

@@ -27,6 +27,10 @@ from server.cache.types import EngineHooks, EngineStats, Family, Fetched, Outcom
 _LOGGER = logging.getLogger(__name__)
 
 
+# Time to expiry, in units of load time x beta, past which XFetch would refresh with odds under exp(-30).
+_XFETCH_FAR = 30
+
+
 class CacheEngine:
     """Cache-aside reads with leases, single-flight, XFetch early refresh, negative and stale caching."""
 
@@ -105,13 +109,24 @@ class CacheEngine:
         return fetched if fetched is not None else await self.fetch_shared(pairs)
 
     def fetch_near(self, pairs: Sequence[tuple[Family, str]]) -> Fetched | None:
-        """Every (family, id) from the near cache, with no I/O; None if any is missing there."""
+        """Every (family, id) from the near cache, with no I/O; None if any is missing there.
+
+        A partial answer would still need the MGET, so it is all or nothing. The hit path of every
+        read, so it makes nothing per key but the key itself.
+        """
         near = self._coherent_near()
         if near is None:
             return None
-        return self._near_hit(
-            near, [Lookup(family, item_id, family.key(item_id)) for family, item_id in pairs]
-        )
+        now_ms = self._now_ms()
+        entries = near.get_all([family.key(item_id) for family, item_id in pairs], now_ms)
+        if entries is None:
+            return None
+        self.stats.hits += 1
+        near.stats.hits += 1
+        for (family, item_id), entry in zip(pairs, entries, strict=True):
+            if self._xfetch_due(family, entry, now_ms):
+                self._refresh_early(Lookup(family, item_id, family.key(item_id)), entry.generation)
+        return Fetched([entry.payload for entry in entries], Outcome.HIT)
 
     def _coherent_near(self) -> NearCache | None:
         # Only while the events that keep it coherent arrive.
@@ -172,22 +187,6 @@ class CacheEngine:
         else:
             self.stats.misses += 1
         return Fetched(payloads, outcome)
-
-    def _near_hit(self, near: NearCache, lookups: Sequence[Lookup]) -> Fetched | None:
-        # Every lookup from the near cache, or None: a partial answer would still need the MGET.
-        now_ms = self._now_ms()
-        entries = []
-        for lookup in lookups:
-            entry = near.get(lookup.key, now_ms)
-            if entry is None:
-                return None
-            entries.append(entry)
-        self.stats.hits += 1
-        near.stats.hits += 1
-        for lookup, entry in zip(lookups, entries, strict=True):
-            if self._xfetch_due(lookup.family, entry, now_ms):
-                self._refresh_early(lookup, entry.generation)
-        return Fetched([entry.payload for entry in entries], Outcome.HIT)
 
     async def _answers(self, results: dict[str, Result], stale: dict[str, bytes]) -> dict[str, Resolved]:
         # Stale-if-error: a key whose load failed answers with the expired copy read before, but only
@@ -268,7 +267,10 @@ class CacheEngine:
         # expiry and with the cost of a recompute, so one reader refreshes before the herd arrives.
         if family.xfetch_beta <= 0:
             return False
-        gap = -entry.load_ms * family.xfetch_beta * math.log(1.0 - self.random())
+        scale = entry.load_ms * family.xfetch_beta
+        if entry.expires_at_ms - now_ms > scale * _XFETCH_FAR:
+            return False  # the chance is below exp(-30), 1e-13: no draw, no log on most hits
+        gap = -scale * math.log(1.0 - self.random())
         return now_ms + gap >= entry.expires_at_ms
 
     def _refresh_early(self, lookup: Lookup, generation: int) -> None:

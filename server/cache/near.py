@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from server.cache.envelope import Envelope
@@ -47,15 +47,23 @@ class NearCache:
 
     def get(self, key: str, now_ms: int) -> Envelope | None:
         """The entry for key if it is here and fresh."""
-        found = self._entries.get(key)
-        if found is None:
-            return None
-        entry, _, deadline = found
-        if deadline <= self._clock() or not entry.is_fresh(now_ms):
-            del self._entries[key]
-            return None
-        self._entries.move_to_end(key)
-        return entry
+        found = self.get_all((key,), now_ms)
+        return found[0] if found else None
+
+    def get_all(self, keys: Sequence[str], now_ms: int) -> list[Envelope] | None:
+        """Every key's entry if all are here and fresh, else None (dropping the one found stale)."""
+        entries, monotonic_now, found = self._entries, self._clock(), []
+        for key in keys:
+            held = entries.get(key)
+            if held is None:
+                return None
+            entry, _, deadline = held
+            if deadline <= monotonic_now or not entry.is_fresh(now_ms):
+                del entries[key]
+                return None
+            entries.move_to_end(key)
+            found.append(entry)
+        return found
 
     def admit(self, key: str, entry: Envelope, tags: tuple[str, ...], *, read_at_version: int) -> None:
         """Keep an entry read from Redis, unless something was dropped since that read began."""
