@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -99,7 +99,9 @@ def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_HEADER and isinstance(value, str) and _VALID_REQUEST_ID.match(value):
             return value
-    return uuid.uuid4().hex
+    # 128 random bits from the process's Mersenne Twister (seeded from os.urandom, and again in a forked
+    # child): as unique as a uuid4, without a system call and a UUID object on every cache hit.
+    return f"{random.getrandbits(128):032x}"
 
 
 def _ms_since(started: float) -> float:
