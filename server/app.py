@@ -169,7 +169,14 @@ def create_app(
     server.add_registered_method_handlers(  # type: ignore[attr-defined]
         SERVICE_NAME, _guarded_handlers(service.method_handlers(), settings, metrics)
     )
-    health_pb2_grpc.add_HealthServicer_to_server(checker.servicer, server)
+    # Health calls are observed (request id, metrics), never token-checked or limited: probes answer.
+    health_handlers = _health_handlers(checker.servicer)
+    observability = Observability(metrics)
+    observed_health = {rpc: observability.wrap(rpc, handler) for rpc, handler in health_handlers.items()}
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(health.SERVICE_NAME, observed_health),)
+    )
+    server.add_registered_method_handlers(health.SERVICE_NAME, observed_health)  # type: ignore[attr-defined]
     if settings.reflection:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -217,6 +224,26 @@ def _guarded_handlers(
         rpc: observability.wrap(rpc, tokens.wrap(rpc, limit.wrap(handler)))
         for rpc, handler in handlers.items()
     }
+
+
+class _HandlerCapture:
+    """Stands in for a server to an add_*Servicer_to_server function, keeping the handlers it adds."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+
+    def add_generic_rpc_handlers(self, _handlers: object) -> None:
+        pass
+
+    def add_registered_method_handlers(self, _service: str, handlers: dict[str, Any]) -> None:
+        self.handlers = handlers
+
+
+def _health_handlers(servicer: Any) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
+    """grpc.health.v1.Health's handlers as its generated code builds them, to wrap before serving."""
+    capture = _HandlerCapture()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, capture)
+    return capture.handlers
 
 
 def _bound_server(settings: Settings, *, reuse_port: bool) -> tuple[grpc.aio.Server, int]:

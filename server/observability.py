@@ -8,11 +8,12 @@ per method, not per call, and nothing is logged for a successful call unless DEB
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import random
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -35,7 +36,8 @@ _SERVER_SIDE = frozenset(
     }
 )
 
-Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+_Context = grpc.aio.ServicerContext[Any, Any]
+Behavior = Callable[[Any, _Context], Awaitable[Any]]
 
 
 class Observability:
@@ -45,38 +47,30 @@ class Observability:
         self._metrics = metrics
 
     def wrap(self, rpc: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
-        """The unary handler of method `rpc`, observed (streams as they are)."""
-        if handler.unary_unary is None:
-            return handler
-        inner: Behavior = handler.unary_unary  # type: ignore[assignment]  # checked by the caller
+        """The unary or server-streaming handler of method `rpc`, observed (anything else as it is)."""
         duration = self._metrics.rpc_duration.labels(rpc)
         requests = self._metrics.rpc_requests
         ok = requests.labels(rpc, grpc.StatusCode.OK.name)
 
-        async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        def begin(context: _Context) -> float:
             request_id = _request_id(context)
             REQUEST_ID.set(request_id)
             context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
-            started = time.perf_counter()
-            try:
-                response = await inner(request, context)
-            except asyncio.CancelledError:
-                _finished(rpc, grpc.StatusCode.CANCELLED, started)
-                raise
-            except BaseException as exc:
-                # An abort has set the code; anything else reaches the caller as UNKNOWN.
-                code = context.code() if isinstance(exc, grpc.aio.AbortError) else None
-                _finished(rpc, code or grpc.StatusCode.UNKNOWN, started, exc)
-                raise
+            return time.perf_counter()
+
+        def succeeded(started: float) -> None:
             ok.inc()
             duration.observe(time.perf_counter() - started)
             if _LOGGER.isEnabledFor(logging.DEBUG):
                 _LOGGER.debug("rpc ok", extra={"rpc": rpc, "code": "OK", "ms": _ms_since(started)})
-            return response
 
-        def _finished(
-            rpc: str, code: grpc.StatusCode, started: float, exc: BaseException | None = None
-        ) -> None:
+        def failed(context: _Context, started: float, exc: BaseException) -> None:
+            if isinstance(exc, asyncio.CancelledError | GeneratorExit):  # the caller left
+                code = grpc.StatusCode.CANCELLED
+            else:
+                # An abort has set the code; anything else reaches the caller as UNKNOWN.
+                aborted = context.code() if isinstance(exc, grpc.aio.AbortError) else None
+                code = aborted or grpc.StatusCode.UNKNOWN
             requests.labels(rpc, code.name).inc()
             duration.observe(time.perf_counter() - started)
             if code in _SERVER_SIDE:
@@ -88,11 +82,52 @@ class Observability:
             elif _LOGGER.isEnabledFor(logging.DEBUG):
                 _LOGGER.debug("rpc failed", extra={"rpc": rpc, "code": code.name, "ms": _ms_since(started)})
 
-        return grpc.unary_unary_rpc_method_handler(
-            observed,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        def observed_unary(inner: Behavior) -> Behavior:
+            async def observed(request: Any, context: _Context) -> Any:
+                started = begin(context)
+                try:
+                    response = await inner(request, context)
+                except BaseException as exc:
+                    failed(context, started, exc)
+                    raise
+                succeeded(started)
+                return response
+
+            return observed
+
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                observed_unary(handler.unary_unary),  # type: ignore[arg-type]
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None and not inspect.isasyncgenfunction(handler.unary_stream):
+            # A streaming handler that writes with context.write() (grpc_health's Watch) is a coroutine.
+            writer: Behavior = handler.unary_stream  # type: ignore[assignment]
+            return grpc.unary_stream_rpc_method_handler(
+                observed_unary(writer),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            stream: Callable[[Any, _Context], AsyncIterator[Any]] = handler.unary_stream  # type: ignore[assignment]
+
+            async def observed_stream(request: Any, context: _Context) -> AsyncIterator[Any]:
+                started = begin(context)
+                try:
+                    async for message in stream(request, context):
+                        yield message
+                except BaseException as exc:
+                    failed(context, started, exc)
+                    raise
+                succeeded(started)
+
+            return grpc.unary_stream_rpc_method_handler(
+                observed_stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler  # client and bidirectional streams (reflection) pass as they are
 
 
 def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from client.client import AsyncCacheClient, tls_credentials
+from client.proto.cacheaside.v1 import cache_service_pb2 as pb
 from server.config import Settings
 from server.logs import JsonFormatter
 from tests.certs import Certificates, make_certificates
@@ -174,3 +175,23 @@ def test_tls_settings_must_come_in_pairs(settings: Settings, certs: Certificates
                 update={"tls_cert_file": str(tmp_path / "none.pem"), "tls_key_file": certs.server.key}
             )
         )
+
+
+async def test_a_rejected_stream_and_a_health_check_carry_a_request_id_and_are_counted(
+    guarded: Running,
+) -> None:
+    stream = guarded.stub.WarmWithProgress(pb.WarmWithProgressRequest(), metadata=(("x-request-id", "w-1"),))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        async for _ in stream:
+            pass
+    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert dict(raised.value.trailing_metadata() or ())["x-request-id"] == "w-1"
+    requests = guarded.app.metrics.rpc_requests
+    assert requests.labels("WarmWithProgress", "UNAUTHENTICATED")._value.get() == 1
+
+    check = health_pb2_grpc.HealthStub(guarded.channel).Check(
+        health_pb2.HealthCheckRequest(), metadata=(("x-request-id", "h-1"),)
+    )
+    assert (await check).status == health_pb2.HealthCheckResponse.SERVING, "probes need no token"
+    assert dict(await check.trailing_metadata())["x-request-id"] == "h-1"
+    assert requests.labels("Check", "OK")._value.get() >= 1
