@@ -254,6 +254,10 @@ def _bound_server(settings: Settings, *, reuse_port: bool) -> tuple[grpc.aio.Ser
             ("grpc.so_reuseport", int(reuse_port)),
             ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
             ("grpc.max_send_message_length", settings.max_send_message_bytes),
+            # Calls arrived but not yet taken up by the event loop: grpc core sheds new ones at random
+            # past this many (every one past three times as many), with CANCELLED, before any handler.
+            ("grpc.server.max_pending_requests", settings.max_pending_rpcs),
+            ("grpc.server.max_pending_requests_hard_limit", 3 * settings.max_pending_rpcs),
             *_KEEPALIVE_OPTIONS,
         ],
     )

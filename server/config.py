@@ -88,6 +88,7 @@ class Settings(BaseSettings):
     max_receive_message_bytes: int = Field(default=1_048_576, ge=1024)
     max_send_message_bytes: int = Field(default=4_194_304, ge=1024)
     max_concurrent_rpcs: int = Field(default=1000, ge=0)
+    max_pending_rpcs: int = Field(default=1000, ge=1)
     max_concurrent_loads: int = Field(default=10, ge=0)
     load_queue_ms: int = Field(default=200, ge=0)
     max_waiting_misses: int = Field(default=500, ge=0)

@@ -7,6 +7,7 @@ bound is full exactly when the test says, with no timing luck involved.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 
@@ -17,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from client.proto.cacheaside.v1 import cache_service_pb2 as pb
+from client.proto.cacheaside.v1 import cache_service_pb2_grpc as pb_grpc
 from server.cache import CacheEngine
 from server.config import Settings
 from tests.conftest import Running, start_service, stop_service
@@ -253,5 +255,45 @@ async def test_a_read_waits_for_a_redis_connection_no_longer_than_the_timeout_th
             await pool.release(connection)
         response, meta = await call(running.stub.GetPost, pb.GetPostRequest(post_id="p1"))
         assert (response.post.id, meta["x-cache"]) == ("p1", "miss")
+    finally:
+        await stop_service(running)
+
+
+async def test_calls_the_busy_event_loop_cannot_take_up_are_shed_by_grpc_core_with_cancelled(
+    settings: Settings, db_engine: AsyncEngine, redis_client: aioredis.Redis, posts: list[str]
+) -> None:
+    # The server's loop is held (it runs in this test's loop) while a thread sends 60 calls: they queue
+    # in grpc core, which sheds past CACHEASIDE_MAX_PENDING_RPCS (5, all past 15) without the loop. The
+    # loop is let go once at least 45 have been shed, so no timing decides the outcome.
+    running = await start_service(settings, max_pending_rpcs=5)
+    try:
+        codes: list[grpc.StatusCode] = []
+        shed = threading.Event()
+        lock = threading.Lock()
+
+        def done(future: grpc.Future) -> None:
+            with lock:
+                codes.append(future.code())
+                if codes.count(grpc.StatusCode.CANCELLED) >= 45:
+                    shed.set()
+
+        def send_all() -> None:
+            with grpc.insecure_channel(f"127.0.0.1:{running.app.port}") as channel:
+                stub = pb_grpc.CacheServiceStub(channel)
+                futures = [
+                    stub.GetPost.future(pb.GetPostRequest(post_id="p0"), timeout=30) for _ in range(60)
+                ]
+                for future in futures:
+                    future.add_done_callback(done)
+                for future in futures:
+                    future.exception()  # wait for every answer
+
+        sender = threading.Thread(target=send_all)
+        sender.start()
+        assert shed.wait(timeout=20), f"grpc core shed {codes.count(grpc.StatusCode.CANCELLED)} calls"
+        await asyncio.to_thread(sender.join)
+        assert set(codes) == {grpc.StatusCode.CANCELLED, grpc.StatusCode.OK}, codes
+        assert 5 <= codes.count(grpc.StatusCode.OK) <= 15, "the pending ones are served once the loop runs"
+        assert running.app.engine.stats.loads <= 1, "a shed call did no work"
     finally:
         await stop_service(running)
