@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 import grpc
 
 from server.errors import Unauthenticated, to_status
+from server.handlers import like
 
 _LOGGER = logging.getLogger(__name__)
 _SCHEME = "bearer "
@@ -43,22 +44,14 @@ class TokenCheck:
                 async for message in stream(request, context):
                     yield message
 
-            return grpc.unary_stream_rpc_method_handler(
-                checked_stream,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            return like(handler, checked_stream)
         unary: Callable[[Any, _Context], Awaitable[Any]] = handler.unary_unary  # type: ignore[assignment]
 
         async def checked(request: Any, context: _Context) -> Any:
             await _check(context, accepted)
             return await unary(request, context)
 
-        return grpc.unary_unary_rpc_method_handler(
-            checked,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return like(handler, checked)
 
 
 async def _check(context: _Context, accepted: list[bytes]) -> None:

@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 import grpc
 
 from server.errors import Overloaded, to_status
+from server.handlers import like
 
 _Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -46,11 +47,7 @@ class ConcurrencyLimit:
                 finally:
                     self.active -= 1
 
-            return grpc.unary_stream_rpc_method_handler(
-                limited_stream,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            return like(handler, limited_stream)
         if handler.unary_unary is None:
             return handler  # the service has unary and server-streaming methods only
         unary: Callable[[Any, _Context], Awaitable[Any]] = handler.unary_unary  # type: ignore[assignment]
@@ -64,11 +61,7 @@ class ConcurrencyLimit:
             finally:
                 self.active -= 1
 
-        return grpc.unary_unary_rpc_method_handler(
-            limited,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return like(handler, limited)
 
     async def _refuse(self, context: _Context) -> NoReturn:
         # Built per refusal: the status carries this call's request id.

@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 
+from server.handlers import like
 from server.logs import REQUEST_ID
 from server.metrics import Metrics
 
@@ -96,19 +97,11 @@ class Observability:
             return observed
 
         if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                observed_unary(handler.unary_unary),  # type: ignore[arg-type]
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            return like(handler, observed_unary(handler.unary_unary))  # type: ignore[arg-type]
         if handler.unary_stream is not None and not inspect.isasyncgenfunction(handler.unary_stream):
             # A streaming handler that writes with context.write() (grpc_health's Watch) is a coroutine.
             writer: Behavior = handler.unary_stream  # type: ignore[assignment]
-            return grpc.unary_stream_rpc_method_handler(
-                observed_unary(writer),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            return like(handler, observed_unary(writer))
         if handler.unary_stream is not None:
             stream: Callable[[Any, _Context], AsyncIterator[Any]] = handler.unary_stream  # type: ignore[assignment]
 
@@ -122,11 +115,7 @@ class Observability:
                     raise
                 succeeded(started)
 
-            return grpc.unary_stream_rpc_method_handler(
-                observed_stream,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            return like(handler, observed_stream)
         return handler  # client and bidirectional streams (reflection) pass as they are
 
 

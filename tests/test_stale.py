@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import grpc
@@ -37,16 +38,14 @@ async def proxy(database: Database) -> AsyncIterator[TcpProxy]:
 @pytest.fixture
 async def behind_proxy(settings: Settings, db_engine: AsyncEngine, proxy: TcpProxy) -> AsyncIterator[Running]:
     """A service whose database connections go through the proxy; its clock is the test's."""
-    url = make_url(settings.database_url).set(host="127.0.0.1", port=proxy.port)
-    running = await start_service(
-        settings,
-        database_url=url.render_as_string(hide_password=False),
-        db_timeout_ms=500,
-        db_error_backoff_ms=1,
-        ttl_warm_s=60,
-    )
+    running = await _start_behind(proxy, settings, db_timeout_ms=500, db_error_backoff_ms=1, ttl_warm_s=60)
     yield running
     await stop_service(running)
+
+
+async def _start_behind(proxy: TcpProxy, settings: Settings, **overrides: Any) -> Running:
+    url = make_url(settings.database_url).set(host="127.0.0.1", port=proxy.port)
+    return await start_service(settings, database_url=url.render_as_string(hide_password=False), **overrides)
 
 
 async def test_database_down_serves_stale_copies_and_unavailable_otherwise(
@@ -139,13 +138,8 @@ async def test_a_load_is_two_round_trips_to_the_database(
     # connection, and no health check or audit pass to send anything else through the proxy meanwhile.
     await add_user(db_engine, "alice")
     await add_post(db_engine, "p1", "alice")
-    url = make_url(settings.database_url).set(host="127.0.0.1", port=proxy.port)
-    running = await start_service(
-        settings,
-        database_url=url.render_as_string(hide_password=False),
-        db_pool_size=1,
-        health_interval_ms=3_600_000,
-        audit_interval_s=0,
+    running = await _start_behind(
+        proxy, settings, db_pool_size=1, health_interval_ms=3_600_000, audit_interval_s=0
     )
     try:
         stub = running.stub
