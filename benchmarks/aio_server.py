@@ -4,8 +4,9 @@ Same grpcio, same event-loop choice, same registered-method dispatch as server/a
 interceptors and no engine. `--mode noop`: GetPost returns a constant, what grpc.aio alone costs per
 call (the ceiling the product's cache hit is held to). `--mode redis`: GetPost and BatchGetPosts do
 the product's one MGET (namespace generation and keys) through redis.asyncio and frame the cached
-payloads, the twin of benchmarks/sync_server.py, so the two server modes do identical work. Prints
-its port on stdout, then serves until SIGTERM.
+payloads, the twin of benchmarks/sync_server.py, so the two server modes do identical work. `--mode
+near`: GetPost answers from a dictionary filled from Redis on a post's first call, the least a
+near-cache hit can do (parse, look up, frame). Prints its port on stdout, then serves until SIGTERM.
 
     python -m benchmarks.aio_server --loop uvloop --mode noop
 """
@@ -64,11 +65,29 @@ class _RedisHandlers:
         return wire.frame_all(1, await self._payloads(list(request.post_ids), context))
 
 
+class _NearHandlers(_RedisHandlers):
+    """The least any near-cache hit does: parse the request, one dictionary lookup, frame the payload.
+
+    A post is read from Redis once, on its first call, and kept for good: no TTL, no coherence, no
+    metrics, no request id. What grpc.aio allows a handler that does a cache hit's minimum.
+    """
+
+    def __init__(self, client: aioredis.Redis, prefix: str) -> None:
+        super().__init__(client, prefix)
+        self._near: dict[str, bytes] = {}
+
+    async def get_post(self, request: pb.GetPostRequest, context: Any) -> bytes:
+        payload = self._near.get(request.post_id)
+        if payload is None:
+            payload = self._near[request.post_id] = (await self._payloads([request.post_id], context))[0]
+        return wire.frame(1, payload)
+
+
 def _handlers(args: argparse.Namespace) -> dict[str, grpc.RpcMethodHandler[Any, bytes]]:
     if args.mode == "noop":
         return {"GetPost": grpc.unary_unary_rpc_method_handler(_noop)}
     client = aioredis.Redis.from_url(args.redis_url, max_connections=64)
-    serve = _RedisHandlers(client, key_prefix(args.key_prefix))
+    serve = (_NearHandlers if args.mode == "near" else _RedisHandlers)(client, key_prefix(args.key_prefix))
     return {
         "GetPost": grpc.unary_unary_rpc_method_handler(
             serve.get_post, request_deserializer=pb.GetPostRequest.FromString
@@ -98,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--listen", default="127.0.0.1:0")
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
-    parser.add_argument("--mode", choices=("noop", "redis"), default="noop")
+    parser.add_argument("--mode", choices=("noop", "redis", "near"), default="noop")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--key-prefix", default="cacheaside", help="the product's CACHEASIDE_KEY_PREFIX")
     args = parser.parse_args(argv)

@@ -39,6 +39,8 @@ RATIOS = (
     Ratio(f"cache hit / no-op ceiling, grpc.aio {LOOP}", "hit", "noop", goal=0.95),
     Ratio(f"Redis hit (near cache off) / no-op ceiling, grpc.aio {LOOP}", "hit-redis", "noop"),
     Ratio("near-cache hit / Redis hit", "hit", "hit-redis"),
+    Ratio(f"bare dictionary hit / no-op ceiling, grpc.aio {LOOP}", "hit-bare-near", "noop"),
+    Ratio("product near-cache hit / bare dictionary hit", "hit", "hit-bare-near"),
     Ratio(f"cache hit / no-op ceiling, grpc.aio {OTHER_LOOP}", f"hit-{OTHER_LOOP}", f"noop-{OTHER_LOOP}"),
     Ratio("cache hit / no-op ceiling, sync grpcio (bench server)", "hit-sync", "noop-sync"),
     Ratio("cache hit / uncached database (miss)", "hit", "miss", goal=3.0),

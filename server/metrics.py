@@ -29,6 +29,7 @@ from server.cache import CacheEngine, Outcome
 from server.cache.breaker import BreakerState
 from server.domain.catalog import Catalog, with_load_reports
 from server.invalidator import OutboxInvalidator
+from server.tally import CountFamily, TimingsFamily
 from server.warming import WarmResult
 
 # Latency buckets from a cache hit (sub-millisecond) to a database load near its timeout.
@@ -47,20 +48,21 @@ class Metrics:
         registry = self.registry
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
-        self.rpc_requests = Counter(
+        # Counted on every call: plain numbers read at scrape (tally.py), not prometheus_client's locks.
+        self.rpc_requests = CountFamily(
             "cacheaside_rpc_requests",
             "Finished RPCs by method and status code.",
             ["rpc", "code"],
             registry=registry,
         )
-        self.rpc_duration = Histogram(
+        self.rpc_duration = TimingsFamily(
             "cacheaside_rpc_duration_seconds",
             "Time from the call reaching the handler to its answer, by method.",
             ["rpc"],
             buckets=_RPC_BUCKETS_S,
             registry=registry,
         )
-        self.cache_outcomes = Counter(
+        self.cache_outcomes = CountFamily(
             "cacheaside_cache_outcomes",
             "Read RPCs by how they were answered (x-cache) and the tier of their key family.",
             ["rpc", "outcome", "tier"],

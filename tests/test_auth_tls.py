@@ -82,7 +82,7 @@ async def test_admin_calls_need_the_admin_token_and_reads_stay_open(guarded: Run
     assert "call rejected" in log.getvalue(), "rejections are logged"
     assert ADMIN not in log.getvalue(), "tokens are never logged"
     assert "wrong-token" not in log.getvalue(), "not even wrong ones"
-    rejected = guarded.app.metrics.rpc_requests.labels("Invalidate", "UNAUTHENTICATED")._value.get()
+    rejected = guarded.app.metrics.rpc_requests.labels("Invalidate", "UNAUTHENTICATED").value
     assert rejected == 2
 
 
@@ -187,11 +187,11 @@ async def test_a_rejected_stream_and_a_health_check_carry_a_request_id_and_are_c
     assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert dict(raised.value.trailing_metadata() or ())["x-request-id"] == "w-1"
     requests = guarded.app.metrics.rpc_requests
-    assert requests.labels("WarmWithProgress", "UNAUTHENTICATED")._value.get() == 1
+    assert requests.labels("WarmWithProgress", "UNAUTHENTICATED").value == 1
 
     check = health_pb2_grpc.HealthStub(guarded.channel).Check(
         health_pb2.HealthCheckRequest(), metadata=(("x-request-id", "h-1"),)
     )
     assert (await check).status == health_pb2.HealthCheckResponse.SERVING, "probes need no token"
     assert dict(await check.trailing_metadata())["x-request-id"] == "h-1"
-    assert requests.labels("Check", "OK")._value.get() >= 1
+    assert requests.labels("Check", "OK").value >= 1

@@ -102,12 +102,12 @@ async def test_unavailable_is_retried_with_backoff_through_the_service_config(
     unavailable = running.app.metrics.rpc_requests.labels("GetPost", "UNAVAILABLE")
     try:
         for attempts in (4, 1):
-            before = unavailable._value.get()
+            before = unavailable.value
             async with AsyncCacheClient(running.target, max_attempts=attempts) as client:
                 with pytest.raises(grpc.aio.AioRpcError) as raised:
                     await client.get_post("p1")
             assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert unavailable._value.get() - before == attempts, "one call, that many attempts at the server"
+            assert unavailable.value - before == attempts, "one call, that many attempts at the server"
     finally:
         await stop_service(running)
 

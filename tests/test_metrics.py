@@ -173,3 +173,36 @@ async def test_logs_are_json_lines_with_the_request_id_and_the_hot_path_logs_not
         "r-7",
     )
     assert {"ts", "logger", "pid", "ms"} <= set(line)
+
+
+def test_tallies_expose_what_prometheus_client_would() -> None:
+    # The per-call families are plain numbers (server/tally.py); a scrape must not tell the difference.
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from server.tally import CountFamily, TimingsFamily
+
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    buckets = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+    counts = CountFamily("x_calls", "Calls.", ["rpc", "code"], registry=ours)
+    reference_counts = Counter("x_calls", "Calls.", ["rpc", "code"], registry=theirs)
+    timings = TimingsFamily("x_seconds", "Time.", ["rpc"], buckets=buckets, registry=ours)
+    reference_timings = Histogram("x_seconds", "Time.", ["rpc"], buckets=buckets, registry=theirs)
+    # On a bound, between bounds, below the first, past the last: bounds are inclusive, as in Prometheus.
+    for rpc, code, seconds in [
+        ("GetPost", "OK", 0.0005),
+        ("GetPost", "OK", 0.0007),
+        ("GetPost", "NOT_FOUND", 0.0001),
+        ("GetUser", "OK", 7.5),
+        ("GetUser", "OK", 5.0),
+    ]:
+        counts.labels(rpc, code).inc()
+        reference_counts.labels(rpc, code).inc()
+        timings.labels(rpc).observe(seconds)
+        reference_timings.labels(rpc).observe(seconds)
+
+    def exposition(registry: CollectorRegistry) -> list[str]:
+        text = generate_latest(registry).decode()
+        return sorted(line for line in text.splitlines() if "_created" not in line)
+
+    assert exposition(ours) == exposition(theirs)
+    assert counts.labels("GetPost", "OK").value == 2

@@ -117,16 +117,18 @@ class CacheEngine:
         near = self._coherent_near()
         if near is None:
             return None
-        now_ms = self._now_ms()
+        now_ms = int(self.clock() * 1000)
         entries = near.get_all([family.key(item_id) for family, item_id in pairs], now_ms)
         if entries is None:
             return None
         self.stats.hits += 1
         near.stats.hits += 1
+        payloads: list[bytes | None] = []
         for (family, item_id), entry in zip(pairs, entries, strict=True):
+            payloads.append(entry.payload)
             if self._xfetch_due(family, entry, now_ms):
                 self._refresh_early(Lookup(family, item_id, family.key(item_id)), entry.generation)
-        return Fetched([entry.payload for entry in entries], Outcome.HIT)
+        return Fetched(payloads, Outcome.HIT)
 
     def _coherent_near(self) -> NearCache | None:
         # Only while the events that keep it coherent arrive.
