@@ -63,7 +63,9 @@ class CountFamily(Collector):
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         family = CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
-        for values, child in list(self._children.items()):  # one C call: no change can interleave
+        # A copy first: dict.copy clones the table without allocating per item, so no collection (and no
+        # finalizer handing the GIL to the loop, which may add a child) can run halfway through.
+        for values, child in self._children.copy().items():
             family.add_metric(list(values), child.value)
         yield family
 
@@ -95,7 +97,7 @@ class TimingsFamily(Collector):
     def collect(self) -> Iterator[HistogramMetricFamily]:
         family = HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
         edges = [*(repr(float(bound)) for bound in self._bounds), "+Inf"]  # as prometheus_client writes them
-        for values, child in list(self._children.items()):
+        for values, child in self._children.copy().items():
             cumulative, buckets = 0, []
             for edge, count in zip(edges, list(child.counts), strict=True):
                 cumulative += count
