@@ -166,12 +166,12 @@ def create_app(
     )
     # Registered methods skip grpcio's generic lookup per call; grpc-stubs predates the API.
     service = CacheService(engine, catalog, warmer, observer=metrics, recent_reads=recent_reads)
+    observability = Observability(metrics)
     server.add_registered_method_handlers(  # type: ignore[attr-defined]
-        SERVICE_NAME, _guarded_handlers(service.method_handlers(), settings, metrics)
+        SERVICE_NAME, _guarded_handlers(service.method_handlers(), settings, observability)
     )
     # Health calls are observed (request id, metrics), never token-checked or limited: probes answer.
     health_handlers = _health_handlers(checker.servicer)
-    observability = Observability(metrics)
     observed_health = {rpc: observability.wrap(rpc, handler) for rpc, handler in health_handlers.items()}
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(health.SERVICE_NAME, observed_health),)
@@ -205,17 +205,16 @@ def create_app(
 
 
 def _guarded_handlers(
-    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]], settings: Settings, metrics: Metrics
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]], settings: Settings, observability: Observability
 ) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
     """The service's handlers, each wrapped once: observed, then the token check, then the call limit.
 
     Outermost first, so rejected calls are counted and carry a request id too, and a call refused for
     its token never takes a slot. Wrappers, not server interceptors: grpc.aio runs an interceptor chain
     on every call of every method, which was 57 us of a near-cache hit's 314 us of CPU; a wrapper built
-    once costs a call only its own work. Health and reflection are not wrapped: always open, never
-    limited.
+    once costs a call only its own work. Health is only observed and reflection not wrapped at all:
+    both always open, never limited.
     """
-    observability = Observability(metrics)
     tokens = TokenCheck(
         admin_token=settings.admin_token.get_secret_value(), read_token=settings.read_token.get_secret_value()
     )

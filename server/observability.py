@@ -42,7 +42,8 @@ Behavior = Callable[[Any, _Context], Awaitable[Any]]
 
 
 class Observability:
-    """Sets the request id, counts and times every unary call, and logs server-side failures."""
+    """Sets the request id, counts and times every unary and server-streaming call, logs server-side
+    failures."""
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics

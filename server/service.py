@@ -117,9 +117,7 @@ class CacheService:
         handlers = {name: _unary(request, self._read(name, plan)) for name, (request, plan) in reads.items()}
         handlers["Invalidate"] = _unary(pb.InvalidateRequest, self._invalidate)
         handlers["Warm"] = _unary(pb.WarmRequest, self._warm)
-        handlers["WarmWithProgress"] = _stream(
-            pb.WarmWithProgressRequest, _guarded_stream(self._warm_with_progress)
-        )
+        handlers["WarmWithProgress"] = _stream(pb.WarmWithProgressRequest, self._warm_with_progress)
         return handlers
 
     # The generic cache-aside path -------------------------------------------------------------
@@ -135,8 +133,9 @@ class CacheService:
             fetched = engine.fetch_near(plan.lookups)
             if fetched is None:
                 fetched = await _within_deadline(context, engine.fetch_shared(plan.lookups))
+            tier = plan.lookups[0][0].tier
             if record is not None:
-                record(fetched.outcome, plan.lookups[0][0].tier)
+                record(fetched.outcome, tier)
             if note is not None:
                 note(plan.lookups)  # for the consistency audit: one append, no copy
             payloads = fetched.payloads
@@ -148,7 +147,7 @@ class CacheService:
             # Trailing metadata leaves with the response and status in one batch; initial metadata
             # would be a batch of its own, 15% of a near-cache hit's CPU. Appended to the request id.
             context.set_trailing_metadata(
-                (*context.trailing_metadata(), *_CACHE_METADATA[fetched.outcome, plan.lookups[0][0].tier])
+                (*context.trailing_metadata(), *_CACHE_METADATA[fetched.outcome, tier])
             )
             return plan.build(payloads)  # type: ignore[arg-type]  # no None left: checked above
 
@@ -382,17 +381,6 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) ->
     raise AssertionError("abort_with_status returned")  # pragma: no cover
 
 
-def _guarded_stream(handler: StreamHandler) -> StreamHandler:
-    async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
-        try:
-            async for message in handler(request, context):
-                yield message
-        except _UNAVAILABLE_ERRORS as exc:
-            await _abort(context, exc)
-
-    return guarded
-
-
 def _unary(request_type: type[Message], handler: Handler) -> grpc.RpcMethodHandler[Any, bytes]:
     parse, malformed = request_type.FromString, _malformed(request_type)
 
@@ -420,10 +408,13 @@ def _stream(request_type: type[Message], handler: StreamHandler) -> grpc.RpcMeth
             request = parse(raw)
         except DecodeError:
             await _abort(context, malformed)
-        async for message in handler(request, context):
-            yield message
+        try:
+            async for message in handler(request, context):
+                yield message
+        except _UNAVAILABLE_ERRORS as exc:
+            await _abort(context, exc)
 
-    return grpc.unary_stream_rpc_method_handler(parsed, response_serializer=bytes)
+    return grpc.unary_stream_rpc_method_handler(parsed)
 
 
 def _malformed(request_type: type[Message]) -> InvalidArgument:

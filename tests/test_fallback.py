@@ -189,3 +189,21 @@ async def test_a_query_the_database_cancels_is_unavailable_not_unknown(
         code, details, reason = await read
     assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "DATABASE_UNAVAILABLE")
     assert "canceling statement" in details
+
+
+async def test_warming_with_redis_down_is_unavailable_on_both_warm_rpcs(
+    fragile: Running, private_redis: EmbeddedRedis
+) -> None:
+    # Warming must write to Redis: without it both RPCs say so, through the unary and the streaming
+    # error table, rather than report a warm that did not happen.
+    private_redis.stop()
+    code, details, reason = await error_of(fragile.stub.Warm, pb.WarmRequest(popular_posts=5))
+    assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "CACHE_UNAVAILABLE")
+    assert "nothing more was warmed" in details
+
+    request = pb.WarmWithProgressRequest(warm=pb.WarmRequest(popular_posts=5))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        async for _ in fragile.stub.WarmWithProgress(request):
+            pass
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "nothing more was warmed" in (raised.value.details() or "")

@@ -103,11 +103,6 @@ class CacheEngine:
         """Calls of this process waiting on database loads right now (bounded by max_waiting_misses)."""
         return self._flights.waiting
 
-    async def fetch(self, pairs: Sequence[tuple[Family, str]]) -> Fetched:
-        """Answer every (family, id): one MGET, then leases and one query per family for the misses."""
-        fetched = self.fetch_near(pairs)
-        return fetched if fetched is not None else await self.fetch_shared(pairs)
-
     def fetch_near(self, pairs: Sequence[tuple[Family, str]]) -> Fetched | None:
         """Every (family, id) from the near cache, with no I/O; None if any is missing there.
 
@@ -117,7 +112,7 @@ class CacheEngine:
         near = self._coherent_near()
         if near is None:
             return None
-        now_ms = int(self.clock() * 1000)
+        now_ms = self._now_ms()
         entries = near.get_all([family.key(item_id) for family, item_id in pairs], now_ms)
         if entries is None:
             return None
@@ -137,7 +132,10 @@ class CacheEngine:
         return None
 
     async def fetch_shared(self, pairs: Sequence[tuple[Family, str]]) -> Fetched:
-        """fetch past the near cache: Redis, then leases and loads; fills the near cache on the way."""
+        """Answer every (family, id) past the near cache: one MGET, then leases and a query per family.
+
+        For the keys fetch_near did not answer all of; fills the near cache on the way.
+        """
         lookups = [Lookup(family, item_id, family.key(item_id)) for family, item_id in pairs]
         near = self._coherent_near()
         near_version = near.version if near is not None else 0

@@ -113,9 +113,8 @@ class EngineStats:
     loads: int = 0
     load_failures: int = 0
     loads_refused: int = 0  # misses refused because every load slot was taken (DatabaseSaturated)
-    misses_refused: int = (
-        0  # misses refused because the most callers allowed waited already (MissesSaturated)
-    )
+    # Misses refused because the most callers allowed already waited on loads (MissesSaturated).
+    misses_refused: int = 0
     loads_by_family: dict[str, int] = field(default_factory=dict)
     flight_callers: int = 0  # callers that needed a missing key, each counted once per key
     coalesced: int = 0  # of those, callers that joined a load already in flight in this process
