@@ -1,6 +1,6 @@
 """Bench-only grpc.aio servers: the no-op ceiling, and a bare Redis hit for the server-mode comparison.
 
-Same grpcio, same event-loop choice, same registered-method dispatch as server/app.py, but no
+Same grpcio, same event-loop choice, same generic-handler dispatch as server/app.py, but no
 interceptors and no engine. `--mode noop`: GetPost returns a constant, what grpc.aio alone costs per
 call (the ceiling the product's cache hit is held to). `--mode redis`: GetPost and BatchGetPosts do
 the product's one MGET (namespace generation and keys) through redis.asyncio and frame the cached
@@ -100,7 +100,7 @@ def _handlers(args: argparse.Namespace) -> dict[str, grpc.RpcMethodHandler[Any, 
 
 async def _serve(args: argparse.Namespace) -> None:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    server.add_registered_method_handlers(SERVICE, _handlers(args))  # type: ignore[attr-defined]
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, _handlers(args)),))
     port = server.add_insecure_port(args.listen)
     await server.start()
     print(port, flush=True)

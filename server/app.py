@@ -164,19 +164,23 @@ def create_app(
         redis_timeout_s=settings.redis_timeout_ms / 1000,
         metrics=metrics,
     )
-    # Registered methods skip grpcio's generic lookup per call; grpc-stubs predates the API.
     service = CacheService(engine, catalog, warmer, observer=metrics, recent_reads=recent_reads)
     observability = Observability(metrics)
-    server.add_registered_method_handlers(  # type: ignore[attr-defined]
-        SERVICE_NAME, _guarded_handlers(service.method_handlers(), settings, observability)
-    )
     # Health calls are observed (request id, metrics), never token-checked or limited: probes answer.
     health_handlers = _health_handlers(checker.servicer)
     observed_health = {rpc: observability.wrap(rpc, handler) for rpc, handler in health_handlers.items()}
+    # Generic handlers only, no registered methods: grpc.aio's serving loop keeps one pending
+    # request-call future per registered method and runs asyncio.wait over all of them for every call
+    # it takes in (adding and removing a done callback on each), so 14 registered methods cost a
+    # near-cache hit 15% of its instructions; the generic lookup is one dictionary get.
     server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(health.SERVICE_NAME, observed_health),)
+        (
+            grpc.method_handlers_generic_handler(
+                SERVICE_NAME, _guarded_handlers(service.method_handlers(), settings, observability)
+            ),
+            grpc.method_handlers_generic_handler(health.SERVICE_NAME, observed_health),
+        )
     )
-    server.add_registered_method_handlers(health.SERVICE_NAME, observed_health)  # type: ignore[attr-defined]
     if settings.reflection:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
