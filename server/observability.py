@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
 import logging
-import random
 import re
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -47,15 +48,17 @@ class Observability:
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
+        self._ids = RequestIds()
 
     def wrap(self, rpc: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
         """The unary or server-streaming handler of method `rpc`, observed (anything else as it is)."""
         duration = self._metrics.rpc_duration.labels(rpc)
         requests = self._metrics.rpc_requests
         ok = requests.labels(rpc, grpc.StatusCode.OK.name)
+        made = self._ids.new
 
         def begin(context: _Context) -> float:
-            request_id = _request_id(context)
+            request_id = _request_id(context, made)
             REQUEST_ID.set(request_id)
             context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
             return time.perf_counter()
@@ -120,13 +123,27 @@ class Observability:
         return handler  # client and bidirectional streams (reflection) pass as they are
 
 
-def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+class RequestIds:
+    """Request ids for calls that bring none: 16 random hex digits per process, then a call number.
+
+    Unique across processes (64 random bits each, from os.urandom) and within one (the count), for a
+    third of the cost of a uuid4 or 128 random bits formatted on every call.
+    """
+
+    def __init__(self) -> None:
+        self._prefix = f"{secrets.token_hex(8)}-"
+        self._count = itertools.count(1)
+
+    def new(self) -> str:
+        """The next id: `3f9c0a7e15d2b864-1`, `3f9c0a7e15d2b864-2`, ..."""
+        return f"{self._prefix}{next(self._count)}"
+
+
+def _request_id(context: grpc.aio.ServicerContext[Any, Any], made: Callable[[], str]) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_HEADER and isinstance(value, str) and _VALID_REQUEST_ID.match(value):
             return value
-    # 128 random bits from the process's Mersenne Twister (seeded from os.urandom, and again in a forked
-    # child): as unique as a uuid4, without a system call and a UUID object on every cache hit.
-    return f"{random.getrandbits(128):032x}"
+    return made()
 
 
 def _ms_since(started: float) -> float:

@@ -126,7 +126,12 @@ async def test_request_id_is_taken_from_metadata_or_made_and_returned(service: R
     pending = service.stub.GetTrending(pb.GetTrendingRequest())
     await pending
     made = dict(await pending.trailing_metadata())["x-request-id"]
-    assert re.fullmatch(r"[0-9a-f]{32}", made)
+    assert re.fullmatch(r"[0-9a-f]{16}-[1-9][0-9]*", made)
+    pending = service.stub.GetTrending(pb.GetTrendingRequest())
+    await pending
+    again = dict(await pending.trailing_metadata())["x-request-id"]
+    assert again != made, "a new number"
+    assert again.split("-")[0] == made.split("-")[0], "one process: its prefix"
 
     failing = service.stub.GetPost(pb.GetPostRequest(post_id="nope"), metadata=(("x-request-id", "req-43"),))
     with pytest.raises(grpc.aio.AioRpcError) as raised:

@@ -103,11 +103,11 @@ class CacheEngine:
         """Calls of this process waiting on database loads right now (bounded by max_waiting_misses)."""
         return self._flights.waiting
 
-    def fetch_near(self, pairs: Sequence[tuple[Family, str]]) -> Fetched | None:
-        """Every (family, id) from the near cache, with no I/O; None if any is missing there.
+    def fetch_near(self, pairs: Sequence[tuple[Family, str]]) -> list[bytes | None] | None:
+        """Every (family, id)'s payload from the near cache, with no I/O; None if any is missing there.
 
-        A partial answer would still need the MGET, so it is all or nothing. The hit path of every
-        read, so it makes nothing per key but the key itself.
+        A partial answer would still need the MGET, so it is all or nothing, and all of it is a hit.
+        The hit path of every read, so it makes nothing per key but the key itself.
         """
         near = self._coherent_near()
         if near is None:
@@ -123,7 +123,7 @@ class CacheEngine:
             payloads.append(entry.payload)
             if self._xfetch_due(family, entry, now_ms):
                 self._refresh_early(Lookup(family, item_id, family.key(item_id)), entry.generation)
-        return Fetched(payloads, Outcome.HIT)
+        return payloads
 
     def _coherent_near(self) -> NearCache | None:
         # Only while the events that keep it coherent arrive.
