@@ -8,7 +8,7 @@ DEMO_DATABASE_URL ?= sqlite+aiosqlite:///./cacheaside.db
 NODE_DIR := examples/node
 NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 
-.PHONY: install node-deps run test bench bench-deps soak lint format proto proto-check clean
+.PHONY: install node-deps run test bench bench-deps bench-instructions soak lint format proto proto-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,11 +39,17 @@ test: install node-deps bench-deps
 # h2load (Debian's nghttp2-client) drives the server in `make bench`; installed here where apt-get can.
 bench-deps:
 	@bash scripts/ensure_h2load.sh
+	@bash scripts/ensure_valgrind.sh
 
 # The benchmark suite (about 6 minutes): the table, ratios, JSON and PNG in benchmarks/results/.
 bench: install bench-deps
 	@bash scripts/ensure_services.sh
 	$(BIN)/python -m benchmarks.suite
+
+# Instructions per GetPost under valgrind (about 4 minutes): the hit against the ceiling without the noise.
+bench-instructions: install bench-deps
+	@bash scripts/ensure_services.sh
+	$(BIN)/python -m benchmarks.instructions
 
 # Ten minutes of mixed load under a chaos schedule, then the checks (`--minutes 2`: pytest -m soak).
 soak: install

@@ -45,8 +45,12 @@ def run(
     connections: int = 16,
     streams: int = 4,
     cpus: str = "0",
+    calls: int = 0,
 ) -> dict[str, float]:
-    """Keep connections x streams calls in flight for duration_s; counts, req/s, p50 and p99 in ms."""
+    """Keep connections x streams calls in flight for duration_s; counts, req/s, p50 and p99 in ms.
+
+    With calls, send exactly that many instead, taking as long as they take (duration_s bounds it).
+    """
     with tempfile.TemporaryDirectory() as scratch:
         data = Path(scratch) / "request.bin"
         data.write_bytes(grpc_message(body))
@@ -54,7 +58,8 @@ def run(
         argv = [
             "taskset", "-c", cpus, binary(),
             f"--clients={connections}", f"--max-concurrent-streams={streams}", "--threads=1",
-            f"--duration={round(duration_s * 1000)}ms", f"--data={data}", f"--log-file={log}",
+            f"-n{calls}" if calls else f"--duration={round(duration_s * 1000)}ms",
+            f"--data={data}", f"--log-file={log}",
             *(arg for header in _GRPC_HEADERS for arg in ("-H", header)),
             f"http://{target}{path}",
         ]  # fmt: skip
