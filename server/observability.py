@@ -124,10 +124,13 @@ class Observability:
 
 
 class RequestIds:
-    """Request ids for calls that bring none: 16 random hex digits per process, then a call number.
+    """Request ids for calls that bring none: 16 random hex digits per server, then a call number.
 
-    Unique across processes (64 random bits each, from os.urandom) and within one (the count), for a
-    third of the cost of a uuid4 or 128 random bits formatted on every call.
+    One per Observability, so one per server process (workers are fresh interpreters, and nothing
+    forks after startup). Unique across processes (64 random bits each, from os.urandom) and within
+    one (the count), for a third of the cost of a uuid4 or 128 random bits formatted on every call.
+    An id says which process answered and how many calls without an id it had made up before: ids
+    are for correlating logs, not secrets, and callers who want opaque ones send their own.
     """
 
     def __init__(self) -> None:

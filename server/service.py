@@ -409,7 +409,7 @@ def _unary(request_type: type[Message], handler: Handler) -> grpc.RpcMethodHandl
     parse, malformed = request_type.FromString, _malformed(request_type)
 
     async def parsed(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
-        # Parsing and the error table in one coroutine: on a near-cache hit every layer is a cost.
+        # The admin RPCs' parsing and error table; reads do the same in their own handler (_read).
         try:
             request = parse(raw)
         except DecodeError:

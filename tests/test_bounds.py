@@ -297,3 +297,43 @@ async def test_calls_the_busy_event_loop_cannot_take_up_are_shed_by_grpc_core_wi
         assert running.app.engine.stats.loads <= 1, "a shed call did no work"
     finally:
         await stop_service(running)
+
+
+async def test_a_health_probe_queues_apart_from_a_backlog_of_reads_and_is_answered(
+    settings: Settings, db_engine: AsyncEngine, redis_client: aioredis.Redis, posts: list[str]
+) -> None:
+    # As above, the loop is held while 60 GetPosts queue in grpc core, which sheds all past 15. Then
+    # a Health/Check, then one more GetPost on the same connection: the server reads a connection's
+    # frames in order, so once that last GetPost is shed, the Check has been queued, or shed too. It
+    # must be queued (Check is registered: a queue and a limit of its own) and answered once the loop
+    # runs; in the reads' queue it would be CANCELLED like them.
+    running = await start_service(settings, max_pending_rpcs=5)
+    try:
+        recorded = threading.Event()
+        outcome: dict[str, object] = {}
+
+        def send_all() -> None:
+            with grpc.insecure_channel(f"127.0.0.1:{running.app.port}") as channel:
+                stub = pb_grpc.CacheServiceStub(channel)
+                reads = [stub.GetPost.future(pb.GetPostRequest(post_id="p0"), timeout=30) for _ in range(60)]
+                probe = health_pb2_grpc.HealthStub(channel).Check.future(
+                    health_pb2.HealthCheckRequest(service=""), timeout=30
+                )
+                sentinel = stub.GetPost.future(pb.GetPostRequest(post_id="p0"), timeout=30)
+                sentinel.exception()  # shed by grpc core: no loop needed
+                outcome["sentinel"] = sentinel.code()
+                outcome["probe done while the loop was held"] = probe.done()
+                recorded.set()
+                outcome["probe"] = probe.code() if probe.exception() else probe.result().status
+                for read in reads:
+                    read.exception()
+
+        sender = threading.Thread(target=send_all)
+        sender.start()
+        assert recorded.wait(timeout=20), "the last read was not shed"  # blocking: the loop stays held
+        await asyncio.to_thread(sender.join)  # now the server's loop (this test's) runs again
+        assert outcome["sentinel"] == grpc.StatusCode.CANCELLED, outcome
+        assert outcome["probe done while the loop was held"] is False, outcome
+        assert outcome["probe"] == health_pb2.HealthCheckResponse.SERVING, outcome
+    finally:
+        await stop_service(running)

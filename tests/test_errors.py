@@ -134,3 +134,58 @@ async def test_request_bytes_that_are_not_the_message_are_invalid_argument(servi
     code, details, reason = await error_of(raw, b"\x0a\xff\xff\xff\xff\x0f")
     assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST")
     assert "cacheaside.v1.GetPostRequest" in details
+
+
+@pytest.mark.parametrize(
+    ("method", "request_message", "details"),
+    [
+        ("GetPost", pb.GetPostRequest(post_id="nope"), "no post has id 'nope'"),
+        ("GetUser", pb.GetUserRequest(user_id="ghost"), "no user has id 'ghost'"),
+        ("GetUser", pb.GetUserRequest(user_id="ghost", view=pb.USER_VIEW_FULL), "no user has id 'ghost'"),
+        ("ListPostsByAuthor", pb.ListPostsByAuthorRequest(author_id="ghost"), "no author has id 'ghost'"),
+        (
+            "ListCommentsByAuthor",
+            pb.ListCommentsByAuthorRequest(author_id="ghost"),
+            "no author has id 'ghost'",
+        ),
+        (
+            "BatchGetUsers",
+            pb.BatchGetUsersRequest(user_ids=["ghost", "gone"]),
+            "no user has any of the ids 'ghost', 'gone'",
+        ),
+        (
+            "BatchGetPosts",
+            pb.BatchGetPostsRequest(post_ids=["nope", "gone", "nope"]),
+            "no post has any of the ids 'nope', 'gone'",
+        ),
+    ],
+)
+async def test_not_found_names_what_each_read_looked_for(
+    service: Running, method: str, request_message: Any, details: str
+) -> None:
+    code, found, reason = await error_of(getattr(service.stub, method), request_message)
+    assert (code, reason, found) == (grpc.StatusCode.NOT_FOUND, "NOT_FOUND", details)
+
+
+@pytest.mark.parametrize(
+    ("method", "message_name"),
+    [
+        ("GetUser", "GetUserRequest"),
+        ("GetPost", "GetPostRequest"),
+        ("GetTrending", "GetTrendingRequest"),
+        ("GetArchived", "GetArchivedRequest"),
+        ("ListPostsByAuthor", "ListPostsByAuthorRequest"),
+        ("ListCommentsByAuthor", "ListCommentsByAuthorRequest"),
+        ("BatchGetUsers", "BatchGetUsersRequest"),
+        ("BatchGetPosts", "BatchGetPostsRequest"),
+        ("Invalidate", "InvalidateRequest"),
+        ("Warm", "WarmRequest"),
+    ],
+)
+async def test_every_rpc_answers_malformed_bytes_with_invalid_argument(
+    service: Running, method: str, message_name: str
+) -> None:
+    raw = service.channel.unary_unary(f"/cacheaside.v1.CacheService/{method}")
+    code, details, reason = await error_of(raw, b"\x0a\xff\xff\xff\xff\x0f")
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST")
+    assert f"cacheaside.v1.{message_name}" in details

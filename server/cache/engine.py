@@ -2,7 +2,8 @@
 
 It knows nothing of users or posts. Callers describe each key family (how ids become keys, which TTL,
 which tags, how to load missing ids in one query) and ask for lookups; the engine answers with the
-stored payload bytes, ready to go to the wire, and how the answer was obtained.
+stored payload bytes, ready to go to the wire, and (past the near cache, whose answers are all hits)
+how the answer was obtained.
 """
 
 from __future__ import annotations
