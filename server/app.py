@@ -167,7 +167,7 @@ def create_app(
     service = CacheService(engine, catalog, warmer, observer=metrics, recent_reads=recent_reads)
     observability = Observability(metrics)
     # Health calls are observed (request id, metrics), never token-checked or limited: probes answer.
-    health_handlers = _health_handlers(checker.servicer)
+    health_handlers = _captured_handlers(health_pb2_grpc.add_HealthServicer_to_server, checker.servicer)
     observed_health = {rpc: observability.wrap(rpc, handler) for rpc, handler in health_handlers.items()}
     # Generic handlers, with one registered method: grpc.aio's serving loop keeps one pending
     # request-call future per registered method (and one for all generic ones) and runs asyncio.wait
@@ -261,11 +261,6 @@ def _captured_handlers(add_to_server: Callable[[Any, Any], None], servicer: Any)
     capture = _HandlerCapture()
     add_to_server(servicer, capture)
     return capture.handlers
-
-
-def _health_handlers(servicer: Any) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
-    """grpc.health.v1.Health's handlers as its generated code builds them, to wrap before serving."""
-    return _captured_handlers(health_pb2_grpc.add_HealthServicer_to_server, servicer)
 
 
 def _bound_server(settings: Settings, *, reuse_port: bool) -> tuple[grpc.aio.Server, int]:

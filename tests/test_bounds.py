@@ -259,17 +259,25 @@ async def test_a_read_waits_for_a_redis_connection_no_longer_than_the_timeout_th
         await stop_service(running)
 
 
-async def test_calls_the_busy_event_loop_cannot_take_up_are_shed_by_grpc_core_with_cancelled(
+async def test_calls_the_busy_event_loop_cannot_take_up_are_shed_by_grpc_core_but_a_probe_queues_apart(
     settings: Settings, db_engine: AsyncEngine, redis_client: aioredis.Redis, posts: list[str]
 ) -> None:
-    # The server's loop is held (it runs in this test's loop) while a thread sends 60 calls: they queue
-    # in grpc core, which sheds past CACHEASIDE_MAX_PENDING_RPCS (5, all past 15) without the loop. The
-    # loop is let go once at least 45 have been shed, so no timing decides the outcome.
+    # The server's loop is held (it runs in this test's loop) while a thread sends 60 GetPosts: they
+    # queue in grpc core, which sheds past CACHEASIDE_MAX_PENDING_RPCS (5, all past 15) without the
+    # loop. Then a Health/Check, then 16 more GetPosts on the same connection: each is shed or takes
+    # one of the 15 places, so one of them is shed for sure, and the server reads a connection's frames
+    # in order, so by then the Check has been queued, or shed too. It must be queued (Check is
+    # registered: a queue and a limit of its own) and answered once the loop runs; in the reads' queue
+    # it would be CANCELLED like them. The loop is let go once at least 45 of the first 60 and one of
+    # the later GetPosts have been shed, so no timing decides the outcome.
     running = await start_service(settings, max_pending_rpcs=5)
     try:
         codes: list[grpc.StatusCode] = []
         shed = threading.Event()
+        recorded = threading.Event()
+        later_shed = threading.Event()
         lock = threading.Lock()
+        outcome: dict[str, object] = {}
 
         def done(future: grpc.Future) -> None:
             with lock:
@@ -280,59 +288,33 @@ async def test_calls_the_busy_event_loop_cannot_take_up_are_shed_by_grpc_core_wi
         def send_all() -> None:
             with grpc.insecure_channel(f"127.0.0.1:{running.app.port}") as channel:
                 stub = pb_grpc.CacheServiceStub(channel)
-                futures = [
-                    stub.GetPost.future(pb.GetPostRequest(post_id="p0"), timeout=30) for _ in range(60)
-                ]
-                for future in futures:
-                    future.add_done_callback(done)
-                for future in futures:
-                    future.exception()  # wait for every answer
-
-        sender = threading.Thread(target=send_all)
-        sender.start()
-        assert shed.wait(timeout=20), f"grpc core shed {codes.count(grpc.StatusCode.CANCELLED)} calls"
-        await asyncio.to_thread(sender.join)
-        assert set(codes) == {grpc.StatusCode.CANCELLED, grpc.StatusCode.OK}, codes
-        assert 5 <= codes.count(grpc.StatusCode.OK) <= 15, "the pending ones are served once the loop runs"
-        assert running.app.engine.stats.loads <= 1, "a shed call did no work"
-    finally:
-        await stop_service(running)
-
-
-async def test_a_health_probe_queues_apart_from_a_backlog_of_reads_and_is_answered(
-    settings: Settings, db_engine: AsyncEngine, redis_client: aioredis.Redis, posts: list[str]
-) -> None:
-    # As above, the loop is held while 60 GetPosts queue in grpc core, which sheds all past 15. Then
-    # a Health/Check, then one more GetPost on the same connection: the server reads a connection's
-    # frames in order, so once that last GetPost is shed, the Check has been queued, or shed too. It
-    # must be queued (Check is registered: a queue and a limit of its own) and answered once the loop
-    # runs; in the reads' queue it would be CANCELLED like them.
-    running = await start_service(settings, max_pending_rpcs=5)
-    try:
-        recorded = threading.Event()
-        outcome: dict[str, object] = {}
-
-        def send_all() -> None:
-            with grpc.insecure_channel(f"127.0.0.1:{running.app.port}") as channel:
-                stub = pb_grpc.CacheServiceStub(channel)
                 reads = [stub.GetPost.future(pb.GetPostRequest(post_id="p0"), timeout=30) for _ in range(60)]
+                for read in reads:
+                    read.add_done_callback(done)
                 probe = health_pb2_grpc.HealthStub(channel).Check.future(
                     health_pb2.HealthCheckRequest(service=""), timeout=30
                 )
-                sentinel = stub.GetPost.future(pb.GetPostRequest(post_id="p0"), timeout=30)
-                sentinel.exception()  # shed by grpc core: no loop needed
-                outcome["sentinel"] = sentinel.code()
+                later = [stub.GetPost.future(pb.GetPostRequest(post_id="p0"), timeout=30) for _ in range(16)]
+                for read in later:
+                    read.add_done_callback(lambda _: later_shed.set())  # only a shed one ends now
+                later_shed.wait(timeout=20)
+                outcome["later"] = [read.code() for read in later if read.done()]
                 outcome["probe done while the loop was held"] = probe.done()
                 recorded.set()
                 outcome["probe"] = probe.code() if probe.exception() else probe.result().status
-                for read in reads:
-                    read.exception()
+                for read in reads + later:
+                    read.exception()  # wait for every answer
 
         sender = threading.Thread(target=send_all)
         sender.start()
-        assert recorded.wait(timeout=20), "the last read was not shed"  # blocking: the loop stays held
+        # Blocking waits: the loop stays held until both are seen.
+        assert shed.wait(timeout=20), f"grpc core shed {codes.count(grpc.StatusCode.CANCELLED)} calls"
+        assert recorded.wait(timeout=30), "the sender never got that far"
         await asyncio.to_thread(sender.join)  # now the server's loop (this test's) runs again
-        assert outcome["sentinel"] == grpc.StatusCode.CANCELLED, outcome
+        assert set(codes) == {grpc.StatusCode.CANCELLED, grpc.StatusCode.OK}, codes
+        assert 5 <= codes.count(grpc.StatusCode.OK) <= 15, "the pending ones are served once the loop runs"
+        assert running.app.engine.stats.loads <= 1, "a shed call did no work"
+        assert grpc.StatusCode.CANCELLED in outcome["later"], outcome  # type: ignore[operator]
         assert outcome["probe done while the loop was held"] is False, outcome
         assert outcome["probe"] == health_pb2.HealthCheckResponse.SERVING, outcome
     finally:
