@@ -6,15 +6,15 @@ Tokens are compared in constant time and never logged; a rejection says what to 
 
 from __future__ import annotations
 
+import functools
 import hmac
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, NoReturn
 
 import grpc
 
 from server.errors import Unauthenticated, to_status
-from server.handlers import like
 
 _LOGGER = logging.getLogger(__name__)
 _SCHEME = "bearer "
@@ -31,30 +31,16 @@ class TokenCheck:
         # The admin token may read too: an operator should not need two tokens.
         self._read = [read_token.encode(), *self._admin] if read_token else []
 
-    def wrap(self, rpc: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
-        """The handler of method `rpc`, run only for a valid token (without tokens set: itself)."""
+    def check_for(self, rpc: str) -> Callable[[_Context], Awaitable[None]] | None:
+        """The check a call of method `rpc` must pass (it aborts with UNAUTHENTICATED), or None: no
+        token is set for it."""
         accepted = self._admin if rpc in ADMIN_METHODS else self._read
         if not accepted:
-            return handler
-        if handler.unary_stream is not None:
-            stream: Callable[[Any, _Context], AsyncIterator[Any]] = handler.unary_stream  # type: ignore[assignment]
-
-            async def checked_stream(request: Any, context: _Context) -> AsyncIterator[Any]:
-                await _check(context, accepted)
-                async for message in stream(request, context):
-                    yield message
-
-            return like(handler, checked_stream)
-        unary: Callable[[Any, _Context], Awaitable[Any]] = handler.unary_unary  # type: ignore[assignment]
-
-        async def checked(request: Any, context: _Context) -> Any:
-            await _check(context, accepted)
-            return await unary(request, context)
-
-        return like(handler, checked)
+            return None
+        return functools.partial(_check, accepted=accepted)
 
 
-async def _check(context: _Context, accepted: list[bytes]) -> None:
+async def _check(context: _Context, *, accepted: list[bytes]) -> None:
     token = _bearer(context.invocation_metadata() or ())
     if token is None:
         await _reject(context, "MISSING_TOKEN")

@@ -52,7 +52,11 @@ def build_cache(settings: Settings, redis_url: str, *, events: bool = True) -> C
         else None
     )
     near = (
-        NearCache(max_entries=settings.near_cache_entries, ttl_s=settings.near_cache_ttl_ms / 1000)
+        NearCache(
+            max_entries=settings.near_cache_entries,
+            ttl_s=settings.near_cache_ttl_ms / 1000,
+            answer_bytes=settings.near_cache_answer_bytes,
+        )
         if settings.near_cache_entries and events
         else None
     )

@@ -57,6 +57,7 @@ class Settings(BaseSettings):
     xfetch_beta_cold: float = Field(default=1.0, ge=0)
     near_cache_entries: int = Field(default=10_000, ge=0)
     near_cache_ttl_ms: int = Field(default=1000, gt=0)
+    near_cache_answer_bytes: int = Field(default=16 * 1024 * 1024, ge=0)
     auto_invalidate: bool = True
     outbox_poll_ms: int = Field(default=1000, gt=0)
     outbox_batch: int = Field(default=500, gt=0)

@@ -144,6 +144,10 @@ class Metrics:
 
         return record
 
+    def read_counter(self, rpc: str, outcome: Outcome, tier: str) -> Callable[[], None]:
+        """The increment of one (rpc, outcome, tier) child: for a caller that knows all three ahead."""
+        return self.cache_outcomes.labels(rpc, outcome.value, tier).inc
+
     def invalidated(self, keys: int) -> None:
         """An Invalidate call deleted `keys` cached keys."""
         self.invalidations.inc()
@@ -206,7 +210,9 @@ class _EngineCollector(Collector):
             "Engine fetches by outcome (a batch is one fetch).",
             labels=["outcome"],
         )
-        fetches.add_metric([Outcome.HIT.value], stats.hits)
+        # A read answered whole from the near cache's answers is a hit the engine never saw.
+        near_answered = self._engine.near.stats.answered if self._engine.near is not None else 0
+        fetches.add_metric([Outcome.HIT.value], stats.hits + near_answered)
         fetches.add_metric([Outcome.MISS.value], stats.misses)
         fetches.add_metric([Outcome.STALE.value], stats.stale)
         fetches.add_metric([Outcome.BYPASS.value], stats.bypasses)
@@ -258,11 +264,12 @@ class _EngineCollector(Collector):
         if near is not None:
             events = CounterMetricFamily(
                 "cacheaside_near_cache",
-                "Near cache (L1): hits answered without Redis, entries admitted, dropped by an event, "
-                "evicted for room, and whole flushes (new generation, missed events, lost connection).",
+                "Near cache (L1): hits answered without Redis (of them, answered whole: the same request "
+                "again, from its held response), entries admitted, dropped by an event, evicted for room, "
+                "and whole flushes (new generation, missed events, lost connection).",
                 labels=["event"],
             )
-            for event in ("hits", "admitted", "dropped", "evicted", "flushes"):
+            for event in ("hits", "answered", "admitted", "dropped", "evicted", "flushes"):
                 events.add_metric([event], getattr(near.stats, event))
             yield events
             yield GaugeMetricFamily(

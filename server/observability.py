@@ -1,25 +1,23 @@
-"""The outermost wrapper of the service's handlers: a request id for every call, its status and latency in
-the metrics, and a log line for the calls that failed on the server's side.
+"""A request id for every call, its status and latency in the metrics, and a log line for the calls that
+failed on the server's side: the first and last steps of the guard (guard.py) around every handler.
 
-A cache hit passes through here too, so the per-call work is small: the wrapped handler is built once
-per method, not per call, and nothing is logged for a successful call unless DEBUG is on.
+A cache hit passes through here too, so the per-call work is small: each method's steps are built
+once, not per call, and nothing is logged for a successful call unless DEBUG is on.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import itertools
 import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
 
 import grpc
 
-from server.handlers import like
 from server.logs import REQUEST_ID
 from server.metrics import Metrics
 
@@ -39,26 +37,40 @@ _SERVER_SIDE = frozenset(
 )
 
 _Context = grpc.aio.ServicerContext[Any, Any]
-Behavior = Callable[[Any, _Context], Awaitable[Any]]
+
+
+class Observer(NamedTuple):
+    """One method's per-call steps, run by the guard around its handler (guard.py)."""
+
+    begin: Callable[[_Context], float]
+    """Sets the call's request id (log context, trailing metadata); returns its start time."""
+    succeeded: Callable[[float], None]
+    """Counts and times a call that returned."""
+    failed: Callable[[_Context, float, BaseException], None]
+    """Counts and times a call that raised (aborted, failed or left), and logs the server-side ones."""
 
 
 class Observability:
-    """Sets the request id, counts and times every unary and server-streaming call, logs server-side
-    failures."""
+    """Request ids for every call, its status and latency in the metrics, logs of server-side failures."""
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
         self._ids = RequestIds()
 
-    def wrap(self, rpc: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
-        """The unary or server-streaming handler of method `rpc`, observed (anything else as it is)."""
+    def observer(self, rpc: str, *, callers_ids: bool = True) -> Observer:
+        """The steps observing calls of method `rpc`: its metric children resolved once, here.
+
+        With callers_ids, a call's request id is the one in its metadata when valid (else a new one);
+        without, always a new one: for calls known to carry none (`sends_request_id`), which then
+        skip decoding their metadata again (a quarter of what observing a cache hit costs).
+        """
         duration = self._metrics.rpc_duration.labels(rpc)
         requests = self._metrics.rpc_requests
         ok = requests.labels(rpc, grpc.StatusCode.OK.name)
         made = self._ids.new
 
         def begin(context: _Context) -> float:
-            request_id = _request_id(context, made)
+            request_id = _request_id(context, made) if callers_ids else made()
             REQUEST_ID.set(request_id)
             context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
             return time.perf_counter()
@@ -87,40 +99,7 @@ class Observability:
             elif _LOGGER.isEnabledFor(logging.DEBUG):
                 _LOGGER.debug("rpc failed", extra={"rpc": rpc, "code": code.name, "ms": _ms_since(started)})
 
-        def observed_unary(inner: Behavior) -> Behavior:
-            async def observed(request: Any, context: _Context) -> Any:
-                started = begin(context)
-                try:
-                    response = await inner(request, context)
-                except BaseException as exc:
-                    failed(context, started, exc)
-                    raise
-                succeeded(started)
-                return response
-
-            return observed
-
-        if handler.unary_unary is not None:
-            return like(handler, observed_unary(handler.unary_unary))  # type: ignore[arg-type]
-        if handler.unary_stream is not None and not inspect.isasyncgenfunction(handler.unary_stream):
-            # A streaming handler that writes with context.write() (grpc_health's Watch) is a coroutine.
-            writer: Behavior = handler.unary_stream  # type: ignore[assignment]
-            return like(handler, observed_unary(writer))
-        if handler.unary_stream is not None:
-            stream: Callable[[Any, _Context], AsyncIterator[Any]] = handler.unary_stream  # type: ignore[assignment]
-
-            async def observed_stream(request: Any, context: _Context) -> AsyncIterator[Any]:
-                started = begin(context)
-                try:
-                    async for message in stream(request, context):
-                        yield message
-                except BaseException as exc:
-                    failed(context, started, exc)
-                    raise
-                succeeded(started)
-
-            return like(handler, observed_stream)
-        return handler  # client and bidirectional streams (reflection) pass as they are
+        return Observer(begin, succeeded, failed)
 
 
 class RequestIds:
@@ -140,6 +119,11 @@ class RequestIds:
     def new(self) -> str:
         """The next id: `3f9c0a7e15d2b864-1`, `3f9c0a7e15d2b864-2`, ..."""
         return f"{self._prefix}{next(self._count)}"
+
+
+def sends_request_id(metadata: Iterable[tuple[str, Any]]) -> bool:
+    """Whether a call's metadata has an x-request-id entry (valid or not)."""
+    return any(key == REQUEST_ID_HEADER for key, _ in metadata)
 
 
 def _request_id(context: grpc.aio.ServicerContext[Any, Any], made: Callable[[], str]) -> str:

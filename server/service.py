@@ -21,6 +21,7 @@ from client.proto.cacheaside.v1 import cache_service_pb2 as pb
 from server import wire
 from server.audit import RecentReads
 from server.cache import (
+    Answers,
     CacheEngine,
     CacheUnavailable,
     DatabaseSaturated,
@@ -66,6 +67,7 @@ A plain tuple, made on every read: building a named tuple costs thirty times as 
 Handler = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[bytes]]
 RawHandler = Callable[[bytes, grpc.aio.ServicerContext[Any, Any]], Awaitable[bytes]]
 StreamHandler = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[bytes]]
+Metadata = tuple[tuple[str, str], ...]
 
 
 class ServiceObserver(Protocol):
@@ -73,6 +75,10 @@ class ServiceObserver(Protocol):
 
     def read_recorder(self, rpc: str) -> Callable[[Outcome, str], None]:
         """A function called once per read of `rpc` with its outcome and tier; built once per RPC."""
+        ...
+
+    def read_counter(self, rpc: str, outcome: Outcome, tier: str) -> Callable[[], None]:
+        """A function counting one read of `rpc` with this outcome and tier, as `read_recorder`'s does."""
         ...
 
     def invalidated(self, keys: int) -> None:
@@ -128,14 +134,30 @@ class CacheService:
         """The one handler of every read: parse, plan, near cache or shared path, metadata, frame.
 
         It parses the request bytes itself and maps errors as `_unary` does, in one coroutine: on a
-        near-cache hit every layer of coroutines is a cost.
+        near-cache hit every layer of coroutines is a cost. A response built from the near cache is
+        held by its request bytes (the engine's `answers`), so the same request again skips the parse,
+        the plan, the lookups and the framing, until the near cache would have stopped serving them.
         """
         parse, malformed = request_type.FromString, _malformed(request_type)
         record = self._observer.read_recorder(rpc) if self._observer is not None else None
         note = self._recent_reads.note if self._recent_reads is not None else None
         engine = self._engine
+        # A held answer's detail: its lookups (for the audit), its hit counter, its cache metadata.
+        answers: Answers[tuple[Sequence[tuple[Family, str]], Callable[[], None] | None, Metadata]] | None
+        answers = engine.answers()
+        count_hit = self._observer.read_counter if self._observer is not None else None
 
         async def handle(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+            if answers is not None:
+                held = answers.get(raw)
+                if held is not None:
+                    response, (lookups, counted, cache_metadata) = held
+                    if counted is not None:
+                        counted()
+                    if note is not None:
+                        note(lookups)
+                    context.set_trailing_metadata((*context.trailing_metadata(), *cache_metadata))
+                    return response
             try:
                 request = parse(raw)
             except DecodeError:
@@ -145,14 +167,10 @@ class CacheService:
                 # A near-cache hit needs no I/O, hence no deadline timer either.
                 near = engine.fetch_near(lookups)
                 if near is not None:
-                    payloads, outcome = near, _HIT
+                    payloads, outcome = near[0], _HIT
                 else:
                     payloads, outcome = await _within_deadline(context, engine.fetch_shared(lookups))
-                tier = lookups[0][0].tier
-                if record is not None:
-                    record(outcome, tier)
-                if note is not None:
-                    note(lookups)  # for the consistency audit: one append, no copy
+                tier = _reported(lookups, outcome, record, note)
                 if None in payloads:
                     missing = [
                         item_id for (_, item_id), p in zip(lookups, payloads, strict=True) if p is None
@@ -161,7 +179,11 @@ class CacheService:
                 # Trailing metadata leaves with the response and status in one batch; initial metadata
                 # would be a batch of its own, 15% of a near-cache hit's CPU. Appended to the request id.
                 context.set_trailing_metadata((*context.trailing_metadata(), *_CACHE_METADATA[outcome, tier]))
-                return build(payloads)  # type: ignore[arg-type]  # no None left: checked above
+                response = build(payloads)  # type: ignore[arg-type]  # no None left: checked above
+                if near is not None and answers is not None:
+                    counted = count_hit(rpc, _HIT, tier) if count_hit is not None else None
+                    answers.put(raw, response, (lookups, counted, _CACHE_METADATA[_HIT, tier]), until=near[1])
+                return response
             except _UNAVAILABLE_ERRORS as exc:
                 await _abort(context, exc)
 
@@ -348,8 +370,24 @@ async def _within_deadline(context: grpc.aio.ServicerContext[Any, Any], work: Aw
         ) from exc
 
 
+def _reported(
+    lookups: Sequence[tuple[Family, str]],
+    outcome: Outcome,
+    record: Callable[[Outcome, str], None] | None,
+    note: Callable[[Sequence[tuple[Family, str]]], None] | None,
+) -> str:
+    # What every read reports, found or not: its outcome and tier to the metrics, its lookups to the
+    # consistency audit (one append, no copy). Returns the tier, for the trailing metadata.
+    tier = lookups[0][0].tier
+    if record is not None:
+        record(outcome, tier)
+    if note is not None:
+        note(lookups)
+    return tier
+
+
 # (outcome, tier) -> the x-cache and x-cache-tier entries of a read's trailing metadata, built once.
-_CACHE_METADATA = {
+_CACHE_METADATA: dict[tuple[Outcome, str], Metadata] = {
     (outcome, tier.value): (("x-cache", outcome.value), ("x-cache-tier", tier.value))
     for outcome in Outcome
     for tier in Tier

@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
+import grpc
 import pytest
 import redis.asyncio as aioredis
 from prometheus_client import generate_latest
@@ -126,3 +127,100 @@ async def test_invalidate_everything_flushes_every_instances_near_cache(two: lis
     await call(writer.stub.Invalidate, pb.InvalidateRequest(everything=True))
     await until(lambda: near.stats.flushes > flushes, timeout_s=1.0)
     assert len(near) == 0
+
+
+async def test_the_same_read_again_is_answered_whole_until_an_invalidation_clears_it(
+    two: list[Running], db_engine: AsyncEngine
+) -> None:
+    reader, writer = two
+    await _admitted(reader, "p1")  # its last read was a near hit: the answer is held
+    near = reader.app.engine.near
+    assert near is not None
+    assert near.answer_bytes > 0
+    request = pb.GetPostRequest(post_id="p1")
+    answered, attempts = near.stats.answered, reader.app.engine.store.stats.attempts
+    first, first_meta = await call(reader.stub.GetPost, request)
+    again, again_meta = await call(reader.stub.GetPost, request)
+    assert near.stats.answered == answered + 2
+    assert reader.app.engine.store.stats.attempts == attempts, "no Redis call"
+    assert again == first
+    assert first.post.title == "version 1"
+    assert (again_meta["x-cache"], again_meta["x-cache-tier"]) == ("hit", "warm")
+    assert again_meta["x-request-id"] != first_meta["x-request-id"]
+
+    await set_post(db_engine, "p1", title="version 2")
+    await call(writer.stub.Invalidate, pb.InvalidateRequest(post_ids=["p1"]))
+    await until(lambda: near.answer_bytes == 0, timeout_s=1.0)
+    response, meta = await call(reader.stub.GetPost, request)
+    assert (response.post.title, meta["x-cache"]) == ("version 2", "miss")  # Invalidate deleted it
+
+
+async def test_answers_are_kept_apart_per_method_batches_included(
+    two: list[Running], db_engine: AsyncEngine
+) -> None:
+    reader, writer = two
+    await add_user(db_engine, "p2")  # a user with a post's id: GetUser and GetPost send the same bytes
+    assert (
+        pb.GetUserRequest(user_id="p2").SerializeToString()
+        == pb.GetPostRequest(post_id="p2").SerializeToString()
+    )
+    near = reader.app.engine.near
+    assert near is not None
+    async with asyncio.timeout(10):
+        await reader.app.engine.notifier.connected.wait()  # type: ignore[union-attr]
+    batch = pb.BatchGetPostsRequest(post_ids=["p1", "p2"])
+    for _ in range(4):
+        user, _ = await call(reader.stub.GetUser, pb.GetUserRequest(user_id="p2"))
+        post, _ = await call(reader.stub.GetPost, pb.GetPostRequest(post_id="p2"))
+        posts, _ = await call(reader.stub.BatchGetPosts, batch)
+    answered = near.stats.answered
+    user, _ = await call(reader.stub.GetUser, pb.GetUserRequest(user_id="p2"))
+    post, _ = await call(reader.stub.GetPost, pb.GetPostRequest(post_id="p2"))
+    posts, _ = await call(reader.stub.BatchGetPosts, batch)
+    assert near.stats.answered == answered + 3
+    assert (user.user.id, post.post.id, post.post.title) == ("p2", "p2", "other")
+    assert [p.title for p in posts.posts] == ["version 1", "other"]
+
+    await set_post(db_engine, "p1", title="version 2")
+    await call(writer.stub.Invalidate, pb.InvalidateRequest(post_ids=["p1"]))
+    await until(lambda: near.answer_bytes == 0, timeout_s=1.0)
+    posts, _ = await call(reader.stub.BatchGetPosts, batch)
+    assert [p.title for p in posts.posts] == ["version 2", "other"]
+
+
+async def test_a_missing_id_is_never_held_as_an_answer(two: list[Running]) -> None:
+    reader, _ = two
+    await _admitted(reader, "p1")
+    near = reader.app.engine.near
+    assert near is not None
+    held = near.answer_bytes
+    for _ in range(4):
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            await call(reader.stub.GetPost, pb.GetPostRequest(post_id="nope"))
+        assert failure.value.code() == grpc.StatusCode.NOT_FOUND
+    assert near.answer_bytes == held
+
+
+async def test_no_answer_is_held_once_early_refresh_may_start(
+    settings: Settings, db_engine: AsyncEngine, redis_client: aioredis.Redis
+) -> None:
+    # With this beta, XFetch may refresh a post from its first second on (a load of at least 1 ms,
+    # times 10^6, times 30, is longer than the TTL), so each read must reach the per-key path, whose
+    # draws decide: none may be answered whole. The draws themselves never refresh here (a draw of 0
+    # puts the refresh at expiry), so nothing else changes the entry between the reads.
+    await add_user(db_engine, "alice")
+    await add_post(db_engine, "p1", "alice", title="version 1")
+    running = await start_service(settings, xfetch_beta_warm=1e6)
+    running.app.engine.random = lambda: 0.0
+    try:
+        await _admitted(running, "p1")
+        near = running.app.engine.near
+        assert near is not None
+        hits = near.stats.hits
+        for _ in range(3):
+            await call(running.stub.GetPost, pb.GetPostRequest(post_id="p1"))
+        assert (near.answer_bytes, near.stats.answered) == (0, 0)
+        assert near.stats.hits == hits + 3
+        assert running.app.engine.stats.early_refreshes == 0
+    finally:
+        await stop_service(running)

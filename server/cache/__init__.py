@@ -1,6 +1,7 @@
 """The domain-free cache-aside engine: tiers, leases, fallback, invalidation."""
 
 from server.cache.engine import CacheEngine
+from server.cache.near import Answers
 from server.cache.notify import FillNotifier
 from server.cache.store import CacheUnavailable, RedisStore
 from server.cache.types import (
@@ -15,6 +16,7 @@ from server.cache.types import (
 )
 
 __all__ = [
+    "Answers",
     "CacheEngine",
     "CacheUnavailable",
     "DatabaseSaturated",

@@ -15,11 +15,12 @@ import random
 import secrets
 import time
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from server.cache import envelope
 from server.cache.flights import BYPASS, LeaseFlights, Result
 from server.cache.loading import Loading, Lookup, TtlPolicy
-from server.cache.near import NearCache
+from server.cache.near import Answers, NearCache
 from server.cache.notify import NEW_GENERATION, EventListener, FillNotifier
 from server.cache.scripts import WEAK_LEASE_PREFIX
 from server.cache.store import CacheUnavailable, LeaseKind, LeaseRequest, RedisStore
@@ -30,6 +31,7 @@ _LOGGER = logging.getLogger(__name__)
 
 # Time to expiry, in units of load time x beta, past which XFetch would refresh with odds under exp(-30).
 _XFETCH_FAR = 30
+_T = TypeVar("_T")
 
 
 class CacheEngine:
@@ -104,27 +106,46 @@ class CacheEngine:
         """Calls of this process waiting on database loads right now (bounded by max_waiting_misses)."""
         return self._flights.waiting
 
-    def fetch_near(self, pairs: Sequence[tuple[Family, str]]) -> list[bytes | None] | None:
+    def fetch_near(self, pairs: Sequence[tuple[Family, str]]) -> tuple[list[bytes | None], float] | None:
         """Every (family, id)'s payload from the near cache, with no I/O; None if any is missing there.
 
         A partial answer would still need the MGET, so it is all or nothing, and all of it is a hit.
-        The hit path of every read, so it makes nothing per key but the key itself.
+        With the payloads, the near cache's clock time until which they may be served again without
+        asking (NearCache.get_all_until), ended early where XFetch might refresh one of them: an answer
+        built from them may be held that long (`answers`).
         """
         near = self._coherent_near()
         if near is None:
             return None
         now_ms = self._now_ms()
-        entries = near.get_all([family.key(item_id) for family, item_id in pairs], now_ms)
-        if entries is None:
+        found = near.get_all_until([family.key(item_id) for family, item_id in pairs], now_ms)
+        if found is None:
             return None
+        entries, until = found
         self.stats.hits += 1
         near.stats.hits += 1
         payloads: list[bytes | None] = []
+        quiet_ms = math.inf
         for (family, item_id), entry in zip(pairs, entries, strict=True):
             payloads.append(entry.payload)
+            if family.xfetch_beta > 0:
+                # Until then XFetch's odds are below exp(-30): no draw (see _xfetch_due).
+                quiet_ms = min(
+                    quiet_ms, entry.expires_at_ms - entry.load_ms * family.xfetch_beta * _XFETCH_FAR
+                )
             if self._xfetch_due(family, entry, now_ms):
                 self._refresh_early(Lookup(family, item_id, family.key(item_id)), entry.generation)
-        return payloads
+        if quiet_ms != math.inf:
+            until = min(until, near.clock() + (quiet_ms - now_ms) / 1000)
+        return payloads, until
+
+    def answers(self) -> Answers[_T] | None:
+        """A store of whole answers kept coherent with the near cache (None without one): a read that
+        built its response from `fetch_near` may hold it there, and serve it from there again, until
+        the time fetch_near gave. Its hits count as the near cache's."""
+        if self.near is None or self.near.max_answer_bytes <= 0:
+            return None
+        return self.near.answers()
 
     def _coherent_near(self) -> NearCache | None:
         # Only while the events that keep it coherent arrive.

@@ -1,0 +1,153 @@
+"""The one wrapper around every call of the service: request id and metrics, token check, call limit.
+
+Each part keeps its own rules in its own module (observability.py, auth.py, limits.py) and gives the
+guard its per-call steps; the guard runs them around the handler in one coroutine per method, built
+once. One coroutine, not one per part: on a near-cache hit each layer of coroutines costs about what a
+part's own work does. The order is the parts' contract: observed first, so a refused call is counted
+and carries a request id too; the token before the limit, so a call refused for its token never
+takes a place.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from server.handlers import like
+from server.limits import ConcurrencyLimit
+from server.observability import Observability, Observer, sends_request_id
+
+_Context = grpc.aio.ServicerContext[Any, Any]
+_Check = Callable[[_Context], Awaitable[None]]
+Unary = Callable[[Any, _Context], Awaitable[Any]]
+Stream = Callable[[Any, _Context], AsyncIterator[Any]]
+
+
+class Guard:
+    """Wraps handlers with observability, and where given, a token check and a call limit."""
+
+    def __init__(
+        self,
+        observability: Observability,
+        *,
+        check_for: Callable[[str], _Check | None] | None = None,
+        limit: ConcurrencyLimit | None = None,
+    ) -> None:
+        self._observability = observability
+        self._check_for = check_for
+        self._limit = limit if limit is not None and limit.limit else None
+
+    def service(self, name: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]) -> GuardedService:
+        """A generic handler serving service `name`'s methods, guarded.
+
+        Each method is guarded twice, and each call routed to one of the two by the metadata grpc
+        decoded to route it: a call that sends an x-request-id to the guard that reads it again at call
+        time, any other (nearly all) to the one that makes an id without decoding the metadata again.
+        """
+        return GuardedService(
+            name,
+            {rpc: self.wrap(rpc, handler, callers_ids=False) for rpc, handler in handlers.items()},
+            {rpc: self.wrap(rpc, handler) for rpc, handler in handlers.items()},
+        )
+
+    def wrap(
+        self, rpc: str, handler: grpc.RpcMethodHandler[Any, Any], *, callers_ids: bool = True
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        """Method `rpc`'s unary or server-streaming handler, guarded (any other kind as it is).
+
+        Without callers_ids, for calls known to send no request id (see `service`).
+        """
+        observer = self._observability.observer(rpc, callers_ids=callers_ids)
+        check = self._check_for(rpc) if self._check_for is not None else None
+        if handler.unary_unary is not None:
+            return like(handler, _guarded_unary(handler.unary_unary, observer, check, self._limit))  # type: ignore[arg-type]
+        if handler.unary_stream is not None and not inspect.isasyncgenfunction(handler.unary_stream):
+            # A streaming handler that writes with context.write() (grpc_health's Watch) is a coroutine.
+            writer: Unary = handler.unary_stream  # type: ignore[assignment]
+            return like(handler, _guarded_unary(writer, observer, check, self._limit))
+        if handler.unary_stream is not None:
+            stream: Stream = handler.unary_stream  # type: ignore[assignment]
+            return like(handler, _guarded_stream(stream, observer, check, self._limit))
+        return handler  # client and bidirectional streams (reflection) pass as they are
+
+
+class GuardedService(grpc.GenericRpcHandler):  # type: ignore[type-arg]  # generic in grpc-stubs only
+    """Routes a service's calls to their method's guarded handler: the one that makes a request id,
+    or, for a call that sends one, the one that reads it (Guard.service)."""
+
+    def __init__(
+        self,
+        name: str,
+        making_ids: dict[str, grpc.RpcMethodHandler[Any, Any]],
+        reading_ids: dict[str, grpc.RpcMethodHandler[Any, Any]],
+    ) -> None:
+        self._making_ids = {f"/{name}/{rpc}": handler for rpc, handler in making_ids.items()}
+        self._reading_ids = {f"/{name}/{rpc}": handler for rpc, handler in reading_ids.items()}
+
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        """The handler for this call, or None: not a method of this service."""
+        metadata = handler_call_details.invocation_metadata or ()
+        handlers = self._reading_ids if sends_request_id(metadata) else self._making_ids
+        return handlers.get(handler_call_details.method)
+
+
+def _guarded_unary(
+    inner: Unary, observer: Observer, check: _Check | None, limit: ConcurrencyLimit | None
+) -> Unary:
+    begin, succeeded, failed = observer
+
+    async def guarded(request: Any, context: _Context) -> Any:
+        started = begin(context)
+        try:
+            if check is not None:
+                await check(context)
+            if limit is None:
+                response = await inner(request, context)
+            else:
+                if limit.active >= limit.limit:
+                    await limit.refuse(context)
+                limit.active += 1
+                try:
+                    response = await inner(request, context)
+                finally:
+                    limit.active -= 1
+        except BaseException as exc:
+            failed(context, started, exc)
+            raise
+        succeeded(started)
+        return response
+
+    return guarded
+
+
+def _guarded_stream(
+    inner: Stream, observer: Observer, check: _Check | None, limit: ConcurrencyLimit | None
+) -> Stream:
+    begin, succeeded, failed = observer
+
+    async def guarded(request: Any, context: _Context) -> AsyncIterator[Any]:
+        started = begin(context)
+        try:
+            if check is not None:
+                await check(context)
+            if limit is not None and limit.active >= limit.limit:
+                await limit.refuse(context)
+            if limit is not None:
+                limit.active += 1
+            try:
+                async for message in inner(request, context):
+                    yield message
+            finally:
+                if limit is not None:
+                    limit.active -= 1
+        except BaseException as exc:
+            failed(context, started, exc)
+            raise
+        succeeded(started)
+
+    return guarded
