@@ -18,7 +18,7 @@ import grpc
 
 from server.handlers import like
 from server.limits import ConcurrencyLimit
-from server.observability import Observability, Observer, sends_request_id
+from server.observability import REQUEST_ID_HEADER, Observability, Observer
 
 _Context = grpc.aio.ServicerContext[Any, Any]
 _Check = Callable[[_Context], Awaitable[None]]
@@ -91,9 +91,11 @@ class GuardedService(grpc.GenericRpcHandler):  # type: ignore[type-arg]  # gener
         self, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         """The handler for this call, or None: not a method of this service."""
-        metadata = handler_call_details.invocation_metadata or ()
-        handlers = self._reading_ids if sends_request_id(metadata) else self._making_ids
-        return handlers.get(handler_call_details.method)
+        # Runs for every call: a plain loop, as cheap as a scan of two or three entries can be.
+        for key, _ in handler_call_details.invocation_metadata or ():
+            if key == REQUEST_ID_HEADER:
+                return self._reading_ids.get(handler_call_details.method)
+        return self._making_ids.get(handler_call_details.method)
 
 
 def _guarded_unary(

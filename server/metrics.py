@@ -269,8 +269,10 @@ class _EngineCollector(Collector):
                 "and whole flushes (new generation, missed events, lost connection).",
                 labels=["event"],
             )
-            for event in ("hits", "answered", "admitted", "dropped", "evicted", "flushes"):
-                events.add_metric([event], getattr(near.stats, event))
+            near_stats = near.stats
+            events.add_metric(["hits"], near_stats.hits + near_stats.answered)
+            for event in ("answered", "admitted", "dropped", "evicted", "flushes"):
+                events.add_metric([event], getattr(near_stats, event))
             yield events
             yield GaugeMetricFamily(
                 "cacheaside_near_cache_entries", "Entries in the near cache.", value=len(near)

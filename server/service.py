@@ -67,7 +67,7 @@ A plain tuple, made on every read: building a named tuple costs thirty times as 
 Handler = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[bytes]]
 RawHandler = Callable[[bytes, grpc.aio.ServicerContext[Any, Any]], Awaitable[bytes]]
 StreamHandler = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[bytes]]
-Metadata = tuple[tuple[str, str], ...]
+Metadata = tuple[tuple[str, str | bytes], ...]
 
 
 class ServiceObserver(Protocol):
@@ -151,7 +151,7 @@ class CacheService:
             if answers is not None:
                 held = answers.get(raw)
                 if held is not None:
-                    response, (lookups, counted, cache_metadata) = held
+                    _, response, (lookups, counted, cache_metadata) = held
                     if counted is not None:
                         counted()
                     if note is not None:
@@ -387,8 +387,9 @@ def _reported(
 
 
 # (outcome, tier) -> the x-cache and x-cache-tier entries of a read's trailing metadata, built once.
+# Values as bytes: grpc sends them as they are, where a str is encoded again on every call.
 _CACHE_METADATA: dict[tuple[Outcome, str], Metadata] = {
-    (outcome, tier.value): (("x-cache", outcome.value), ("x-cache-tier", tier.value))
+    (outcome, tier.value): (("x-cache", outcome.value.encode()), ("x-cache-tier", tier.value.encode()))
     for outcome in Outcome
     for tier in Tier
 }

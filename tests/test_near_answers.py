@@ -27,10 +27,10 @@ def test_an_answer_is_served_until_the_time_given_and_not_after() -> None:
     clock = _Clock()
     answers = _near(clock).answers()
     answers.put(b"request", b"response", "detail", until=100.5)
-    assert answers.get(b"request") == (b"response", "detail")
+    assert answers.get(b"request") == (100.5, b"response", "detail")
     assert answers.get(b"other request") is None
     clock.now = 100.4999
-    assert answers.get(b"request") == (b"response", "detail")
+    assert answers.get(b"request") == (100.5, b"response", "detail")
     clock.now = 100.5
     assert answers.get(b"request") is None
 

@@ -30,8 +30,8 @@ _T = TypeVar("_T")
 class NearStats:
     """Counters for tests and metrics."""
 
-    hits: int = 0
-    answered: int = 0  # of the hits, those answered whole (Answers)
+    hits: int = 0  # lookups answered from the entries (fetch_near)
+    answered: int = 0  # reads answered whole (Answers): hits too, counted apart
     admitted: int = 0
     dropped: int = 0
     flushes: int = 0
@@ -155,16 +155,14 @@ class Answers(Generic[_T]):
     def __len__(self) -> int:
         return len(self._held)
 
-    def get(self, request: bytes) -> tuple[bytes, _T] | None:
-        """The answer to request and its detail, if one is held and its entries still would be served;
-        counted as a near-cache hit (the caller serves it)."""
+    def get(self, request: bytes) -> tuple[float, bytes, _T] | None:
+        """(until, response, detail) for request, if an answer is held and its entries would still be
+        served; counted as a near-cache hit (the caller serves it). The held tuple itself: no copy."""
         held = self._held.get(request)
         if held is None or held[0] <= self._clock():
             return None
-        stats = self._stats
-        stats.hits += 1
-        stats.answered += 1
-        return held[1], held[2]
+        self._stats.answered += 1
+        return held
 
     def put(self, request: bytes, response: bytes, detail: _T, *, until: float) -> None:
         """Hold response as the answer to request until `until` (the caller read its entries just now)."""
