@@ -1,9 +1,11 @@
-"""The Python of one near-cache hit, timed alone: the product's GetPost handler, wrappers and all.
+"""The Python of one near-cache hit, timed alone: the product's GetPost handler, guard and all.
 
 Builds the real app (a SQLite file with a few seeded posts, the machine's Redis or a private one),
-takes the GetPost handler as the server registers it, and calls it over a stand-in context, so what
-is timed is the service's own per-call work without grpc.aio's. Prints the best and the median of 7
-runs of 100,000 calls, in microseconds per call; `--profile` adds cProfile's top functions.
+takes the GetPost handler the server's generic handler routes a call without an x-request-id to, and
+calls it over a stand-in context, so what is timed is the service's own per-call work without
+grpc.aio's. After the first near-cache hit the same request is answered whole (near.py's Answers).
+Prints the best and the median of 7 runs of 100,000 calls, in microseconds per call; `--profile`
+adds cProfile's top functions.
 
     python -m benchmarks.hot_path [--profile]
 """

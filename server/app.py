@@ -225,10 +225,11 @@ def create_app(
 def _guarded_service(
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]], settings: Settings, observability: Observability
 ) -> GuardedService:
-    """The service's handlers, each wrapped once: observed, then the token check, then the call limit.
+    """The service's handlers, guarded: observed, then the token check, then the call limit.
 
     Outermost first, so rejected calls are counted and carry a request id too, and a call refused for
-    its token never takes a slot. One wrapper (guard.py), not server interceptors: grpc.aio runs an
+    its token never takes a slot. Each method is wrapped twice, once for calls that send a request id
+    and once for those that do not (guard.py), and neither is a server interceptor: grpc.aio runs an
     interceptor chain on every call of every method, which was 57 us of a near-cache hit's 314 us of
     CPU; a wrapper built once costs a call only its own work. Health is only observed and reflection
     not wrapped at all: both always open, never limited.
@@ -241,7 +242,7 @@ def _guarded_service(
         check_for=tokens.check_for,
         limit=ConcurrencyLimit(limit=settings.max_concurrent_rpcs),
     )
-    return guard.service(SERVICE_NAME, handlers)
+    return guard.generic_handler(SERVICE_NAME, handlers)
 
 
 class _HandlerCapture:

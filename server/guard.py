@@ -40,12 +40,15 @@ class Guard:
         self._check_for = check_for
         self._limit = limit if limit is not None and limit.limit else None
 
-    def service(self, name: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]) -> GuardedService:
+    def generic_handler(
+        self, name: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> GuardedService:
         """A generic handler serving service `name`'s methods, guarded.
 
         Each method is guarded twice, and each call routed to one of the two by the metadata grpc
         decoded to route it: a call that sends an x-request-id to the guard that reads it again at call
-        time, any other (nearly all) to the one that makes an id without decoding the metadata again.
+        time, any other (nearly all) to the one that makes an id without decoding the metadata again
+        (where read tokens are set, the token check still decodes it).
         """
         return GuardedService(
             name,
@@ -58,7 +61,7 @@ class Guard:
     ) -> grpc.RpcMethodHandler[Any, Any]:
         """Method `rpc`'s unary or server-streaming handler, guarded (any other kind as it is).
 
-        Without callers_ids, for calls known to send no request id (see `service`).
+        Without callers_ids, for calls known to send no request id (see `generic_handler`).
         """
         observer = self._observability.observer(rpc, callers_ids=callers_ids)
         check = self._check_for(rpc) if self._check_for is not None else None
@@ -76,7 +79,7 @@ class Guard:
 
 class GuardedService(grpc.GenericRpcHandler):  # type: ignore[type-arg]  # generic in grpc-stubs only
     """Routes a service's calls to their method's guarded handler: the one that makes a request id,
-    or, for a call that sends one, the one that reads it (Guard.service)."""
+    or, for a call that sends one, the one that reads it (Guard.generic_handler)."""
 
     def __init__(
         self,

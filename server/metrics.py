@@ -207,7 +207,8 @@ class _EngineCollector(Collector):
         stats = self._engine.stats
         fetches = CounterMetricFamily(
             "cacheaside_engine_fetches",
-            "Engine fetches by outcome (a batch is one fetch).",
+            "Engine fetches by outcome (a batch is one fetch; a read answered whole by the near cache "
+            "counts as a hit).",
             labels=["outcome"],
         )
         # A read answered whole from the near cache's answers is a hit the engine never saw.
@@ -264,16 +265,27 @@ class _EngineCollector(Collector):
         if near is not None:
             events = CounterMetricFamily(
                 "cacheaside_near_cache",
-                "Near cache (L1): hits answered without Redis (of them, answered whole: the same request "
-                "again, from its held response), entries admitted, dropped by an event, evicted for room, "
-                "and whole flushes (new generation, missed events, lost connection).",
+                "Near cache (L1): hits answered without Redis (those answered whole included), entries "
+                "admitted, dropped by an event, evicted for room, and whole flushes (new generation, "
+                "missed events, lost connection).",
                 labels=["event"],
             )
             near_stats = near.stats
             events.add_metric(["hits"], near_stats.hits + near_stats.answered)
-            for event in ("answered", "admitted", "dropped", "evicted", "flushes"):
+            for event in ("admitted", "dropped", "evicted", "flushes"):
                 events.add_metric([event], getattr(near_stats, event))
             yield events
+            yield CounterMetricFamily(
+                "cacheaside_near_cache_answered",
+                "Of the near cache's hits, reads answered whole: the same request again, from the response "
+                "held for it (CACHEASIDE_NEAR_CACHE_ANSWER_BYTES).",
+                value=near_stats.answered,
+            )
+            yield GaugeMetricFamily(
+                "cacheaside_near_cache_answer_bytes",
+                "Bytes the near cache's held answers take, their overhead included.",
+                value=near.answer_bytes,
+            )
             yield GaugeMetricFamily(
                 "cacheaside_near_cache_entries", "Entries in the near cache.", value=len(near)
             )

@@ -62,7 +62,8 @@ class Observability:
 
         With callers_ids, a call's request id is the one in its metadata when valid (else a new one);
         without, always a new one: for calls known to carry none (guard.GuardedService), which then
-        skip decoding their metadata again (a quarter of what observing a cache hit costs).
+        skip decoding their metadata again (13k instructions of a near-cache hit's 389k, measured with
+        `make bench-instructions`).
         """
         duration = self._metrics.rpc_duration.labels(rpc)
         requests = self._metrics.rpc_requests

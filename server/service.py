@@ -146,12 +146,13 @@ class CacheService:
         answers: Answers[tuple[Sequence[tuple[Family, str]], Callable[[], None] | None, Metadata]] | None
         answers = engine.answers()
         count_hit = self._observer.read_counter if self._observer is not None else None
+        held_details: dict[str, tuple[Callable[[], None] | None, Metadata]] = {}  # by tier, made once
 
         async def handle(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
             if answers is not None:
                 held = answers.get(raw)
                 if held is not None:
-                    _, response, (lookups, counted, cache_metadata) = held
+                    _, _, response, (lookups, counted, cache_metadata) = held
                     if counted is not None:
                         counted()
                     if note is not None:
@@ -181,8 +182,13 @@ class CacheService:
                 context.set_trailing_metadata((*context.trailing_metadata(), *_CACHE_METADATA[outcome, tier]))
                 response = build(payloads)  # type: ignore[arg-type]  # no None left: checked above
                 if near is not None and answers is not None:
-                    counted = count_hit(rpc, _HIT, tier) if count_hit is not None else None
-                    answers.put(raw, response, (lookups, counted, _CACHE_METADATA[_HIT, tier]), until=near[1])
+                    detail = held_details.get(tier)
+                    if detail is None:
+                        counted = count_hit(rpc, _HIT, tier) if count_hit is not None else None
+                        detail = held_details[tier] = (counted, _CACHE_METADATA[_HIT, tier])
+                    answers.put(
+                        raw, response, (lookups, *detail), keys=near[3], until=near[1], wall_until=near[2]
+                    )
                 return response
             except _UNAVAILABLE_ERRORS as exc:
                 await _abort(context, exc)

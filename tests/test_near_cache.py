@@ -10,6 +10,7 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 from prometheus_client import generate_latest
+from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from client.proto.cacheaside.v1 import cache_service_pb2 as pb
@@ -56,6 +57,8 @@ async def test_a_near_hit_does_not_ask_redis(two: list[Running]) -> None:
     assert near is not None
     hits = float(near.stats.hits + near.stats.answered)  # answered whole, or from the entries
     assert f'cacheaside_near_cache_total{{event="hits"}} {hits}' in scraped
+    assert f"cacheaside_near_cache_answered_total {float(near.stats.answered)}" in scraped
+    assert f"cacheaside_near_cache_answer_bytes {float(near.answer_bytes)}" in scraped
 
 
 async def test_another_instances_invalidation_reaches_the_near_cache_at_once(
@@ -114,6 +117,7 @@ async def test_a_lost_event_connection_flushes_and_stops_near_hits_until_it_is_b
         await redis_client.client_kill_filter(_id=client_id)
     await until(lambda: not notifier.connected.is_set())
     assert len(near) == 0
+    assert near.answer_bytes == 0, "the answers built from its entries go with them"
     attempts = reader.app.engine.store.stats.attempts
     await call(reader.stub.GetPost, pb.GetPostRequest(post_id="p1"))
     assert reader.app.engine.store.stats.attempts > attempts, "no near hits while events are not heard"
@@ -130,6 +134,7 @@ async def test_invalidate_everything_flushes_every_instances_near_cache(two: lis
     await call(writer.stub.Invalidate, pb.InvalidateRequest(everything=True))
     await until(lambda: near.stats.flushes > flushes, timeout_s=1.0)
     assert len(near) == 0
+    assert near.answer_bytes == 0
 
 
 async def test_the_same_read_again_is_answered_whole_until_an_invalidation_clears_it(
@@ -225,5 +230,42 @@ async def test_no_answer_is_held_once_early_refresh_may_start(
         assert (near.answer_bytes, near.stats.answered) == (0, 0)
         assert near.stats.hits == hits + 3
         assert running.app.engine.stats.early_refreshes == 0
+    finally:
+        await stop_service(running)
+
+
+async def test_a_held_answer_ends_when_the_engines_clock_says_its_entry_is_stale(two: list[Running]) -> None:
+    reader, _ = two
+    await _admitted(reader, "p1")
+    near = reader.app.engine.near
+    assert near is not None
+    answered = near.stats.answered
+    await call(reader.stub.GetPost, pb.GetPostRequest(post_id="p1"))
+    assert near.stats.answered == answered + 1
+    later = reader.app.engine.clock() + 3600  # past the post's TTL: the wall clock stepped
+    reader.app.engine.clock = lambda: later
+    _, meta = await call(reader.stub.GetPost, pb.GetPostRequest(post_id="p1"))
+    assert near.stats.answered == answered + 1, "not answered whole"
+    assert meta["x-cache"] in ("miss", "stale"), "nor from the near cache: stale by that clock too"
+
+
+async def test_a_held_answer_still_needs_the_read_token(
+    settings: Settings, db_engine: AsyncEngine, redis_client: aioredis.Redis
+) -> None:
+    await add_user(db_engine, "alice")
+    await add_post(db_engine, "p1", "alice", title="version 1")
+    running = await start_service(settings, read_token=SecretStr("reader-token"))
+    token = (("authorization", "Bearer reader-token"),)
+    try:
+        near = running.app.engine.near
+        assert near is not None
+        async with asyncio.timeout(10):
+            await running.app.engine.notifier.connected.wait()  # type: ignore[union-attr]
+        for _ in range(4):
+            await call(running.stub.GetPost, pb.GetPostRequest(post_id="p1"), metadata=token)
+        assert near.stats.answered > 0, "held, and answered whole"
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call(running.stub.GetPost, pb.GetPostRequest(post_id="p1"))
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
     finally:
         await stop_service(running)

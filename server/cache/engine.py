@@ -15,7 +15,7 @@ import random
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import TypeAlias, TypeVar
 
 from server.cache import envelope
 from server.cache.flights import BYPASS, LeaseFlights, Result
@@ -32,6 +32,12 @@ _LOGGER = logging.getLogger(__name__)
 # Time to expiry, in units of load time x beta, past which XFetch would refresh with odds under exp(-30).
 _XFETCH_FAR = 30
 _T = TypeVar("_T")
+
+
+NearFound: TypeAlias = "tuple[list[bytes | None], float, float, list[str]]"
+"""What fetch_near found: the payloads, until when they may be served again without asking (on the
+near cache's clock, and on the engine's wall clock in seconds), and their keys. A plain tuple: this is
+the hit path of every read not answered whole, and a named tuple's constructor is a Python call."""
 
 
 class CacheEngine:
@@ -59,7 +65,7 @@ class CacheEngine:
         self.stats = EngineStats()
         self.hooks = EngineHooks()
         # Replaceable for deterministic tests: wall-clock seconds, and a uniform draw in [0, 1).
-        self.clock: Callable[[], float] = time.time
+        self._clock: Callable[[], float] = time.time
         self.random: Callable[[], float] = random.random
         self.leases = leases
         self._loading = Loading(
@@ -90,6 +96,17 @@ class CacheEngine:
         if self.near is not None and notifier is not None:
             notifier.listen(EventListener(on_event=self._on_event, on_missed=self.near.flush))
 
+    @property
+    def clock(self) -> Callable[[], float]:
+        """Wall-clock seconds, as TTLs are judged; replaceable for deterministic tests."""
+        return self._clock
+
+    @clock.setter
+    def clock(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        if self.near is not None:
+            self.near.set_wall_clock(clock)  # held answers end on the same clock
+
     def _on_event(self, kind: str, key: str) -> None:
         if self.near is None:
             return
@@ -99,45 +116,46 @@ class CacheEngine:
             self.near.drop([key])
 
     def _now_ms(self) -> int:
-        return int(self.clock() * 1000)
+        return int(self._clock() * 1000)
 
     @property
     def waiting_misses(self) -> int:
         """Calls of this process waiting on database loads right now (bounded by max_waiting_misses)."""
         return self._flights.waiting
 
-    def fetch_near(self, pairs: Sequence[tuple[Family, str]]) -> tuple[list[bytes | None], float] | None:
+    def fetch_near(self, pairs: Sequence[tuple[Family, str]]) -> NearFound | None:
         """Every (family, id)'s payload from the near cache, with no I/O; None if any is missing there.
 
         A partial answer would still need the MGET, so it is all or nothing, and all of it is a hit.
-        With the payloads, the near cache's clock time until which they may be served again without
-        asking (NearCache.get_all_until), ended early where XFetch might refresh one of them: an answer
-        built from them may be held that long (`answers`).
+        With the payloads, until when they may be served again without asking, on the near cache's
+        clock (their near TTL and freshness, NearCache.get_all_until) and on this engine's (their
+        freshness, and the start of XFetch's early-refresh window: from there each read must draw),
+        and their keys: an answer built from them may be held that long (`answers`).
         """
         near = self._coherent_near()
         if near is None:
             return None
         now_ms = self._now_ms()
-        found = near.get_all_until([family.key(item_id) for family, item_id in pairs], now_ms)
+        keys = [family.key(item_id) for family, item_id in pairs]
+        found = near.get_all_until(keys, now_ms)
         if found is None:
             return None
         entries, until = found
         self.stats.hits += 1
         near.stats.hits += 1
         payloads: list[bytes | None] = []
-        quiet_ms = math.inf
+        wall_until_ms = math.inf
         for (family, item_id), entry in zip(pairs, entries, strict=True):
             payloads.append(entry.payload)
+            quiet_ms: float = entry.expires_at_ms
             if family.xfetch_beta > 0:
                 # Until then XFetch's odds are below exp(-30): no draw (see _xfetch_due).
-                quiet_ms = min(
-                    quiet_ms, entry.expires_at_ms - entry.load_ms * family.xfetch_beta * _XFETCH_FAR
-                )
+                quiet_ms -= entry.load_ms * family.xfetch_beta * _XFETCH_FAR
+            wall_until_ms = min(wall_until_ms, quiet_ms)
             if self._xfetch_due(family, entry, now_ms):
-                self._refresh_early(Lookup(family, item_id, family.key(item_id)), entry.generation)
-        if quiet_ms != math.inf:
-            until = min(until, near.clock() + (quiet_ms - now_ms) / 1000)
-        return payloads, until
+                self._refresh_early(Lookup(family, item_id, keys[len(payloads) - 1]), entry.generation)
+        until = min(until, near.clock() + (wall_until_ms - now_ms) / 1000)
+        return payloads, until, wall_until_ms / 1000, keys
 
     def answers(self) -> Answers[_T] | None:
         """A store of whole answers kept coherent with the near cache (None without one): a read that

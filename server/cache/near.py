@@ -19,7 +19,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from server.cache.envelope import Envelope
 
@@ -30,8 +30,8 @@ _T = TypeVar("_T")
 class NearStats:
     """Counters for tests and metrics."""
 
-    hits: int = 0  # lookups answered from the entries (fetch_near)
-    answered: int = 0  # reads answered whole (Answers): hits too, counted apart
+    hits: int = 0  # reads answered from the entries (CacheEngine.fetch_near)
+    answered: int = 0  # reads answered whole (Answers): near-cache hits too, counted apart
     admitted: int = 0
     dropped: int = 0
     flushes: int = 0
@@ -48,6 +48,7 @@ class NearCache:
         ttl_s: float,
         answer_bytes: int = 0,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._max_entries = max_entries
         self._ttl_s = ttl_s
@@ -56,25 +57,23 @@ class NearCache:
         self.version = 0  # moves on every drop or flush
         self.stats = NearStats()
         self.max_answer_bytes = answer_bytes
-        self.answer_bytes = 0  # held by every Answers of this cache together
-        self._answers: list[Answers[object]] = []
+        self.answer_bytes = 0  # held by every Answers of this cache together, overhead included
+        self._answers: list[Answers[Any]] = []
+        self._answered_keys: set[str] = set()  # the keys of the entries held answers were built from
+        self._wall_clock = wall_clock
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def get(self, key: str, now_ms: int) -> Envelope | None:
         """The entry for key if it is here and fresh."""
-        found = self.get_all((key,), now_ms)
-        return found[0] if found else None
-
-    def get_all(self, keys: Sequence[str], now_ms: int) -> list[Envelope] | None:
-        """Every key's entry if all are here and fresh, else None (dropping the one found stale)."""
-        found = self.get_all_until(keys, now_ms)
-        return found[0] if found is not None else None
+        found = self.get_all_until((key,), now_ms)
+        return found[0][0] if found is not None else None
 
     def get_all_until(self, keys: Sequence[str], now_ms: int) -> tuple[list[Envelope], float] | None:
         """Every key's entry if all are here and fresh, and the `clock` time the first of them stops
-        being served (its near-cache TTL or its freshness, whichever ends first); else None."""
+        being served (its near-cache TTL or its freshness, whichever ends first); else None (dropping
+        the one found stale)."""
         entries, monotonic_now, found = self._entries, self.clock(), []
         until = monotonic_now + self._ttl_s
         for key in keys:
@@ -84,6 +83,8 @@ class NearCache:
             entry, _, deadline = held
             if deadline <= monotonic_now or not entry.is_fresh(now_ms):
                 del entries[key]
+                if key in self._answered_keys:
+                    self._clear_answers()  # by the two clocks' reckoning, its answers have ended too
                 return None
             entries.move_to_end(key)
             found.append(entry)
@@ -92,14 +93,27 @@ class NearCache:
 
     def answers(self) -> Answers[_T]:
         """A new store of whole answers, kept coherent with this cache (one per kind of request)."""
-        answers: Answers[_T] = Answers(self)
-        self._answers.append(answers)  # type: ignore[arg-type]  # only cleared through this list
+        answers: Answers[_T] = Answers(self, self._wall_clock)
+        self._answers.append(answers)
         return answers
 
+    def set_wall_clock(self, wall_clock: Callable[[], float]) -> None:
+        """The wall clock (seconds) that answers' freshness is judged on: the cache engine's own."""
+        self._wall_clock = wall_clock
+        for answers in self._answers:
+            answers.wall_clock = wall_clock
+
     def _clear_answers(self) -> None:
-        if self.answer_bytes:
+        if self.answer_bytes:  # never 0 while an answer is held: each counts its overhead
             for answers in self._answers:
                 answers.clear()
+            self._answered_keys.clear()
+
+    def _make_room(self, size: int, first: Answers[Any]) -> None:
+        # The oldest answers leave first: those of the kind of request being held, then the others.
+        for answers in (first, *self._answers):
+            while self.answer_bytes + size > self.max_answer_bytes and answers.drop_oldest():
+                pass
 
     def admit(self, key: str, entry: Envelope, tags: tuple[str, ...], *, read_at_version: int) -> None:
         """Keep an entry read from Redis, unless something was dropped since that read began."""
@@ -111,8 +125,10 @@ class NearCache:
         self._entries.move_to_end(key)
         self.stats.admitted += 1
         if len(self._entries) > self._max_entries:
-            self._entries.popitem(last=False)
+            evicted, _ = self._entries.popitem(last=False)
             self.stats.evicted += 1
+            if evicted in self._answered_keys:
+                self._clear_answers()  # read again later, it may hold a newer value than its answers
 
     def drop(self, keys: Iterable[str], tags: Iterable[str] = ()) -> None:
         """Forget keys, and every entry that belongs to one of tags."""
@@ -138,53 +154,75 @@ class NearCache:
 class Answers(Generic[_T]):
     """Whole responses built from a near cache's entries, by the request bytes that asked for them.
 
-    For one kind of request (request bytes mean nothing without their type). Each answer carries the
-    `clock` time its entries stop being served (NearCache.get_all_until, shortened by the caller for
-    anything else that ends them early) and a detail the caller needs again on every hit. The cache
-    clears every answer whenever it drops, flushes or replaces an entry; and all of a cache's answers
-    together hold at most its `max_answer_bytes` of responses, the oldest leaving first.
+    For one kind of request (request bytes mean nothing without their type). Each answer holds until
+    its entries would stop being served by either clock: the near cache's (their near TTL) and the
+    wall clock their freshness and XFetch's early-refresh window are judged on (the caller computes
+    both when it reads the entries, NearCache.get_all_until and CacheEngine.fetch_near). The cache
+    clears every answer whenever it drops, flushes, replaces or evicts an entry an answer was built
+    from, or finds one stale; and all of a cache's answers together hold at most its
+    `max_answer_bytes`, overhead included, the oldest leaving first. Answers are held only from
+    entries read while cache events are heard, and losing the events flushes the cache, so no
+    answer outlives the coherence its entries had.
     """
 
-    def __init__(self, cache: NearCache) -> None:
+    def __init__(self, cache: NearCache, wall_clock: Callable[[], float]) -> None:
         self._cache = cache
         self._clock = cache.clock
+        self.wall_clock = wall_clock
         self._stats = cache.stats
-        self._held: dict[bytes, tuple[float, bytes, _T]] = {}
+        # request -> (until on the cache's clock, until on the wall clock, response, detail)
+        self._held: dict[bytes, tuple[float, float, bytes, _T]] = {}
         self._bytes = 0
 
     def __len__(self) -> int:
         return len(self._held)
 
-    def get(self, request: bytes) -> tuple[float, bytes, _T] | None:
-        """(until, response, detail) for request, if an answer is held and its entries would still be
-        served; counted as a near-cache hit (the caller serves it). The held tuple itself: no copy."""
+    def get(self, request: bytes) -> tuple[float, float, bytes, _T] | None:
+        """The held (until, wall until, response, detail) for request while its entries would still
+        be served, counted as a near-cache hit (the caller serves it); else None."""
         held = self._held.get(request)
-        if held is None or held[0] <= self._clock():
+        if held is None:
+            return None
+        if held[0] <= self._clock() or held[1] <= self.wall_clock():
+            self._forget(request)
             return None
         self._stats.answered += 1
         return held
 
-    def put(self, request: bytes, response: bytes, detail: _T, *, until: float) -> None:
-        """Hold response as the answer to request until `until` (the caller read its entries just now)."""
+    def put(
+        self,
+        request: bytes,
+        response: bytes,
+        detail: _T,
+        *,
+        keys: Iterable[str],
+        until: float,
+        wall_until: float,
+    ) -> None:
+        """Hold response as the answer to request, built from the entries of keys just read, until
+        `until` on the cache's clock and `wall_until` on the wall clock."""
         cache = self._cache
-        size = len(request) + len(response)
-        if size > cache.max_answer_bytes or until <= self._clock():
-            return
-        held = self._held
-        previous = held.pop(request, None)
-        if previous is not None:
-            self._forget(request, previous[1])
-        while cache.answer_bytes + size > cache.max_answer_bytes and held:
-            oldest = next(iter(held))
-            self._forget(oldest, held.pop(oldest)[1])
-        if cache.answer_bytes + size > cache.max_answer_bytes:
-            cache._clear_answers()  # the other kinds of request hold the budget: start over
-        held[request] = (until, response, detail)
+        size = _ANSWER_OVERHEAD + len(request) + len(response)
+        if size > cache.max_answer_bytes // _LARGEST_SHARE or until <= self._clock():
+            return  # no single answer takes more than its share: it would push out all the others
+        if request in self._held:
+            self._forget(request)
+        cache._make_room(size, self)
+        self._held[request] = (until, wall_until, response, detail)
         self._bytes += size
         cache.answer_bytes += size
+        cache._answered_keys.update(keys)
 
-    def _forget(self, request: bytes, response: bytes) -> None:
-        size = len(request) + len(response)
+    def drop_oldest(self) -> bool:
+        """Forget the oldest answer held; False if none is."""
+        if not self._held:
+            return False
+        self._forget(next(iter(self._held)))
+        return True
+
+    def _forget(self, request: bytes) -> None:
+        _, _, response, _ = self._held.pop(request)
+        size = _ANSWER_OVERHEAD + len(request) + len(response)
         self._bytes -= size
         self._cache.answer_bytes -= size
 
@@ -193,3 +231,9 @@ class Answers(Generic[_T]):
         self._held.clear()
         self._cache.answer_bytes -= self._bytes
         self._bytes = 0
+
+
+# What an answer costs beyond its request and response bytes: its dictionary slot, its tuple, the two
+# bytes objects' headers, the keys it adds to the cache's set (measured: about 400 bytes a GetPost).
+_ANSWER_OVERHEAD = 320
+_LARGEST_SHARE = 16  # no answer may take more than 1/16 of the budget
