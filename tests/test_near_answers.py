@@ -4,6 +4,8 @@ itself, on clocks the tests move."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from server.cache.envelope import Envelope
 from server.cache.near import _ANSWER_OVERHEAD, Answers, NearCache
 
@@ -39,17 +41,22 @@ def _admit(near: NearCache, key: str, payload: bytes = b"x") -> None:
     near.admit(key, _entry(payload), (), read_at_version=near.version)
 
 
+def _put(answers: Answers[Any], request: bytes, response: bytes, detail: object, **when: Any) -> None:
+    answers.put(request, response, detail, **when)  # offered once: only remembered
+    answers.put(request, response, detail, **when)  # offered again: held
+
+
 def _hold(
     answers: Answers[object], request: bytes, response: bytes = b"response", *, keys: tuple[str, ...] = ("a",)
 ) -> None:
-    answers.put(request, response, None, keys=keys, until=200.0, wall_until=FAR)
+    _put(answers, request, response, None, keys=keys, until=200.0, wall_until=FAR)
 
 
 def test_an_answer_is_served_until_either_clock_reaches_its_deadline() -> None:
     clock, wall = _Clock(100.0), _Clock(1_000.0)
     near = _near(clock, wall=wall)
     answers = near.answers()
-    answers.put(b"request", b"response", "detail", keys=("a",), until=100.5, wall_until=1_000.25)
+    _put(answers, b"request", b"response", "detail", keys=("a",), until=100.5, wall_until=1_000.25)
     assert answers.get(b"request") == (100.5, 1_000.25, b"response", "detail")
     assert answers.get(b"other request") is None
     clock.now, wall.now = 100.4999, 1_000.2499
@@ -57,7 +64,7 @@ def test_an_answer_is_served_until_either_clock_reaches_its_deadline() -> None:
     wall.now = 1_000.25  # the wall clock stepped: the entries' freshness (or XFetch's window) is over
     assert answers.get(b"request") is None
     assert (len(answers), near.answer_bytes) == (0, 0), "an ended answer is forgotten"
-    answers.put(b"request", b"response", "detail", keys=("a",), until=100.5, wall_until=FAR)
+    _put(answers, b"request", b"response", "detail", keys=("a",), until=100.5, wall_until=FAR)
     clock.now = 100.5
     assert answers.get(b"request") is None
     assert near.stats.answered == 2
@@ -68,7 +75,7 @@ def test_the_engines_clock_is_the_wall_clock_answers_end_on() -> None:
     near = _near(_Clock(100.0))
     answers = near.answers()
     near.set_wall_clock(wall)
-    answers.put(b"request", b"response", None, keys=("a",), until=200.0, wall_until=5_001.0)
+    _put(answers, b"request", b"response", None, keys=("a",), until=200.0, wall_until=5_001.0)
     assert answers.get(b"request") is not None
     wall.now = 5_001.0
     assert answers.get(b"request") is None
@@ -78,7 +85,7 @@ def test_the_engines_clock_is_the_wall_clock_answers_end_on() -> None:
 def test_an_answer_already_past_its_time_is_not_held() -> None:
     near = _near(_Clock(100.0))
     answers = near.answers()
-    answers.put(b"request", b"response", None, keys=("a",), until=100.0, wall_until=FAR)
+    _put(answers, b"request", b"response", None, keys=("a",), until=100.0, wall_until=FAR)
     assert (len(answers), near.answer_bytes) == (0, 0)
 
 
@@ -189,3 +196,20 @@ def test_without_a_budget_nothing_is_held() -> None:
     answers = near.answers()
     _hold(answers, b"", b"")
     assert answers.get(b"") is None
+
+
+def test_a_request_is_held_the_second_time_it_is_offered_so_one_offs_take_no_room() -> None:
+    near = _near(_Clock(100.0), max_entries=3)
+    answers = near.answers()
+    answers.put(b"again", b"response", None, keys=("a",), until=200.0, wall_until=FAR)
+    assert answers.get(b"again") is None, "offered once: only remembered"
+    for one_off in (b"x", b"y"):
+        answers.put(one_off, b"response", None, keys=("a",), until=200.0, wall_until=FAR)
+    answers.put(b"again", b"response", None, keys=("a",), until=200.0, wall_until=FAR)
+    assert answers.get(b"again") is not None
+    assert (len(answers), answers.get(b"x"), answers.get(b"y")) == (1, None, None)
+    # Remembered among the last max_entries offers only.
+    for one_off in (b"1", b"2", b"3", b"4"):
+        answers.put(one_off, b"response", None, keys=("a",), until=200.0, wall_until=FAR)
+    answers.put(b"x", b"response", None, keys=("a",), until=200.0, wall_until=FAR)
+    assert answers.get(b"x") is None

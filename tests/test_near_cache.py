@@ -21,12 +21,13 @@ from tests.helpers import call, until
 
 
 async def _admitted(running: Running, post_id: str) -> None:
-    """Read until the post sits in the instance's near cache (the second read admits it)."""
+    """Read until the post sits in the instance's near cache (the second read admits it) and its
+    answer is held (a request is held the second time a near-cache hit offers it: the fourth read)."""
     near = running.app.engine.near
     assert near is not None
     async with asyncio.timeout(10):
         await running.app.engine.notifier.connected.wait()  # type: ignore[union-attr]
-    for _ in range(3):
+    for _ in range(4):
         await call(running.stub.GetPost, pb.GetPostRequest(post_id=post_id))
     assert near.get(f"post:{post_id}", int(time.time() * 1000)) is not None
 
@@ -261,7 +262,7 @@ async def test_a_held_answer_still_needs_the_read_token(
         assert near is not None
         async with asyncio.timeout(10):
             await running.app.engine.notifier.connected.wait()  # type: ignore[union-attr]
-        for _ in range(4):
+        for _ in range(5):  # a miss, the admitting read, two near hits (the second holds it), answered
             await call(running.stub.GetPost, pb.GetPostRequest(post_id="p1"), metadata=token)
         assert near.stats.answered > 0, "held, and answered whole"
         with pytest.raises(grpc.aio.AioRpcError) as refused:

@@ -50,7 +50,7 @@ class NearCache:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
-        self._max_entries = max_entries
+        self.max_entries = max_entries
         self._ttl_s = ttl_s
         self.clock = clock
         self._entries: OrderedDict[str, tuple[Envelope, tuple[str, ...], float]] = OrderedDict()
@@ -124,7 +124,7 @@ class NearCache:
         self._entries[key] = (entry, tags, self.clock() + self._ttl_s)
         self._entries.move_to_end(key)
         self.stats.admitted += 1
-        if len(self._entries) > self._max_entries:
+        if len(self._entries) > self.max_entries:
             evicted, _ = self._entries.popitem(last=False)
             self.stats.evicted += 1
             if evicted in self._answered_keys:
@@ -160,7 +160,9 @@ class Answers(Generic[_T]):
     both when it reads the entries, NearCache.get_all_until and CacheEngine.fetch_near). The cache
     clears every answer whenever it drops, flushes, replaces or evicts an entry an answer was built
     from, or finds one stale; and all of a cache's answers together hold at most its
-    `max_answer_bytes`, overhead included, the oldest leaving first. Answers are held only from
+    `max_answer_bytes`, overhead included, the oldest leaving first. A request is held the second
+    time it is offered within the cache's `max_entries` other requests, so one-off requests (a batch
+    of ids drawn at random) never push out the answers asked for again. Answers are held only from
     entries read while cache events are heard, and losing the events flushes the cache, so no
     answer outlives the coherence its entries had.
     """
@@ -173,6 +175,7 @@ class Answers(Generic[_T]):
         # request -> (until on the cache's clock, until on the wall clock, response, detail)
         self._held: dict[bytes, tuple[float, float, bytes, _T]] = {}
         self._bytes = 0
+        self._seen: set[int] = set()  # hashes of the requests offered (put) and not held yet
 
     def __len__(self) -> int:
         return len(self._held)
@@ -200,13 +203,23 @@ class Answers(Generic[_T]):
         wall_until: float,
     ) -> None:
         """Hold response as the answer to request, built from the entries of keys just read, until
-        `until` on the cache's clock and `wall_until` on the wall clock."""
+        `until` on the cache's clock and `wall_until` on the wall clock: if request was offered before
+        (a one-off request, such as a batch of ids drawn at random, would only take room from the
+        answers that are asked for again)."""
         cache = self._cache
         size = _ANSWER_OVERHEAD + len(request) + len(response)
         if size > cache.max_answer_bytes // _LARGEST_SHARE or until <= self._clock():
             return  # no single answer takes more than its share: it would push out all the others
         if request in self._held:
             self._forget(request)
+        else:
+            # Hashes, not the requests: a collision only holds an answer one offer early.
+            offered, seen = hash(request), self._seen
+            if offered not in seen:
+                if len(seen) >= cache.max_entries:
+                    seen.clear()  # a request must come back within that many others to be held
+                seen.add(offered)
+                return
         cache._make_room(size, self)
         self._held[request] = (until, wall_until, response, detail)
         self._bytes += size
