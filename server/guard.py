@@ -38,7 +38,7 @@ class Guard:
     ) -> None:
         self._observability = observability
         self._check_for = check_for
-        self._limit = limit if limit is not None and limit.limit else None
+        self._limit = limit if limit is not None else ConcurrencyLimit(limit=0)
 
     def generic_handler(
         self, name: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
@@ -101,9 +101,9 @@ class GuardedService(grpc.GenericRpcHandler):  # type: ignore[type-arg]  # gener
         return self._making_ids.get(handler_call_details.method)
 
 
-def _guarded_unary(
-    inner: Unary, observer: Observer, check: _Check | None, limit: ConcurrencyLimit | None
-) -> Unary:
+# The unary and the streaming guard run the same steps; they differ in how the handler is awaited,
+# and an async generator cannot be wrapped by a coroutine (nor the hot unary path by a generator).
+def _guarded_unary(inner: Unary, observer: Observer, check: _Check | None, limit: ConcurrencyLimit) -> Unary:
     begin, succeeded, failed = observer
 
     async def guarded(request: Any, context: _Context) -> Any:
@@ -111,16 +111,13 @@ def _guarded_unary(
         try:
             if check is not None:
                 await check(context)
-            if limit is None:
+            if limit.active >= limit.bound:
+                await limit.refuse(context)
+            limit.active += 1
+            try:
                 response = await inner(request, context)
-            else:
-                if limit.active >= limit.limit:
-                    await limit.refuse(context)
-                limit.active += 1
-                try:
-                    response = await inner(request, context)
-                finally:
-                    limit.active -= 1
+            finally:
+                limit.active -= 1
         except BaseException as exc:
             failed(context, started, exc)
             raise
@@ -131,7 +128,7 @@ def _guarded_unary(
 
 
 def _guarded_stream(
-    inner: Stream, observer: Observer, check: _Check | None, limit: ConcurrencyLimit | None
+    inner: Stream, observer: Observer, check: _Check | None, limit: ConcurrencyLimit
 ) -> Stream:
     begin, succeeded, failed = observer
 
@@ -140,16 +137,14 @@ def _guarded_stream(
         try:
             if check is not None:
                 await check(context)
-            if limit is not None and limit.active >= limit.limit:
+            if limit.active >= limit.bound:
                 await limit.refuse(context)
-            if limit is not None:
-                limit.active += 1
+            limit.active += 1
             try:
                 async for message in inner(request, context):
                     yield message
             finally:
-                if limit is not None:
-                    limit.active -= 1
+                limit.active -= 1
         except BaseException as exc:
             failed(context, started, exc)
             raise

@@ -8,6 +8,7 @@ always answer.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NoReturn
 
 import grpc
@@ -20,12 +21,12 @@ _Context = grpc.aio.ServicerContext[Any, Any]
 class ConcurrencyLimit:
     """At most `limit` calls of the methods it guards run at once in this process; 0 means no limit.
 
-    The guard (guard.py) refuses a call when `active` has reached `limit`, and counts `active` up for
-    the time a call runs.
+    The guard (guard.py) refuses a call when `active` has reached `bound` (`limit`, or infinity for
+    none), and counts `active` up for the time a call runs.
     """
 
     def __init__(self, *, limit: int) -> None:
-        self.limit = limit
+        self.bound = limit or math.inf  # what `active` is compared with: no limit never refuses
         self.active = 0
         self._message = (
             f"this server is already handling {limit} calls (CACHEASIDE_MAX_CONCURRENT_RPCS); "
@@ -33,7 +34,7 @@ class ConcurrencyLimit:
         )
 
     async def refuse(self, context: _Context) -> NoReturn:
-        """Answer RESOURCE_EXHAUSTED: the guard calls this when `active` has reached `limit`."""
+        """Answer RESOURCE_EXHAUSTED: the guard calls this when `active` has reached `bound`."""
         # Built per refusal: the status carries this call's request id.
         # grpc-stubs predates abort_with_status on grpc.aio contexts; it exists since grpcio 1.38.
         await context.abort_with_status(to_status(Overloaded(self._message)))  # type: ignore[attr-defined]

@@ -19,6 +19,10 @@ class Outcome(StrEnum):
     STALE = "stale"
     BYPASS = "bypass"
 
+    # Enum's own __hash__ is Python code (hash of the member's name), run for every (outcome, tier)
+    # lookup on a read's path; a str's is C, and agrees with == as Enum's does not ("hit" == HIT).
+    __hash__ = str.__hash__
+
 
 _RANK = {outcome: rank for rank, outcome in enumerate(Outcome)}
 
