@@ -20,15 +20,18 @@ ENV VIRTUAL_ENV=/opt/venv \
     PYTHONUNBUFFERED=1 \
     CACHEASIDE_LISTEN=0.0.0.0:50051 \
     CACHEASIDE_METRICS_LISTEN=0.0.0.0:9464 \
+    CACHEASIDE_HEALTH_LISTEN=0.0.0.0:50052 \
     CACHEASIDE_TARGET=127.0.0.1:50051 \
+    CACHEASIDE_HEALTH_TARGET=127.0.0.1:50052 \
     CACHEASIDE_LOG_FORMAT=json
 RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/cacheaside --create-home \
     --shell /usr/sbin/nologin cacheaside
 COPY --from=build /opt/venv /opt/venv
 USER 10001:10001
 WORKDIR /var/lib/cacheaside
-EXPOSE 50051 9464
-# grpc.health.v1 through the package's own Python probe; no retries inside it, Docker counts failures.
+EXPOSE 50051 50052 9464
+# grpc.health.v1 on the probe port (CACHEASIDE_HEALTH_TARGET) through the package's own Python probe;
+# no retries inside it, Docker counts failures.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=15s --retries=3 \
     CMD ["cacheaside", "health", "--timeout", "3"]
 CMD ["cacheaside", "serve"]

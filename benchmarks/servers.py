@@ -59,8 +59,9 @@ class RunningServer:
         self.metrics_ports = _consecutive_free_ports(spec.workers) if spec.metrics else []
         listen = f"127.0.0.1:{self.port}"
         env = {**os.environ, **spec.env, "CACHEASIDE_LISTEN": listen}
-        if self.metrics_ports:
+        if self.metrics_ports:  # the product: with metrics, and health on a probe port as the image has it
             env["CACHEASIDE_METRICS_LISTEN"] = f"127.0.0.1:{self.metrics_ports[0]}"
+            env["CACHEASIDE_HEALTH_LISTEN"] = f"127.0.0.1:{free_port()}"
         argv = [arg.replace("{listen}", listen) for arg in spec.argv]
         self.log = log_dir / f"{spec.name}.log"
         with self.log.open("wb") as log:

@@ -138,7 +138,8 @@ def _build_parser() -> argparse.ArgumentParser:
     _connection_options(health, timeout_s=3.0)
     health.add_argument("--service", default="", help='"" (the server) or cacheaside.v1.CacheService')
     health.add_argument("--json", action="store_true", help="print the status as JSON")
-    health.set_defaults(run=_health)
+    # The server's probe port (CACHEASIDE_HEALTH_LISTEN, plaintext) where the container names one.
+    health.set_defaults(run=_health, target=os.environ.get("CACHEASIDE_HEALTH_TARGET") or _default_target())
 
     stats_command = commands.add_parser(
         "stats", help="a summary of one server's metrics: calls, cache outcomes, Redis, database, warming"
@@ -156,7 +157,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _connection_options(command: argparse.ArgumentParser, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
     env = os.environ.get
-    command.add_argument("--target", default=env("CACHEASIDE_TARGET", DEFAULT_TARGET), help="host:port")
+    command.add_argument("--target", default=_default_target(), help="host:port")
     command.add_argument("--timeout", type=float, default=timeout_s, help="deadline in seconds")
     command.add_argument(
         "--token", default=env("CACHEASIDE_TOKEN", ""), help="bearer token (default CACHEASIDE_TOKEN)"
@@ -171,6 +172,10 @@ def _connection_options(command: argparse.ArgumentParser, *, timeout_s: float = 
     command.add_argument(
         "--key-file", default=env("CACHEASIDE_CLIENT_KEY_FILE", ""), help="client private key (mTLS)"
     )
+
+
+def _default_target() -> str:
+    return os.environ.get("CACHEASIDE_TARGET", DEFAULT_TARGET)
 
 
 def _client(args: argparse.Namespace, *, max_attempts: int | None = None) -> CacheClient:

@@ -58,6 +58,9 @@ class App:
     health: HealthChecker
     metrics: Metrics
     metrics_server: MetricsServer | None = None
+    probe_server: grpc.aio.Server | None = None
+    """Health alone on CACHEASIDE_HEALTH_LISTEN, where set (`create_app` says why)."""
+    probe_port: int | None = None
     invalidator: OutboxInvalidator | None = None
     auditor: ConsistencyAuditor | None = None
     startup_warm: asyncio.Task[None] | None = None
@@ -80,6 +83,8 @@ class App:
         if self.engine.notifier is not None:
             self.engine.notifier.start()
         await self.server.start()
+        if self.probe_server is not None:
+            await self.probe_server.start()
         self._tasks.append(
             asyncio.create_task(self.health.run_every(self.settings.health_interval_ms / 1000))
         )
@@ -108,6 +113,8 @@ class App:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         grace_s = self.settings.shutdown_grace_s if grace_s is None else grace_s
         await self.server.stop(grace_s)
+        if self.probe_server is not None:  # after the calls' grace: probes saw NOT_SERVING through it
+            await self.probe_server.stop(0)
         if self.metrics_server is not None:
             # A thread join; quick, since the server's loop wakes every half second at most.
             await asyncio.to_thread(self.metrics_server.stop)
@@ -131,6 +138,9 @@ def create_app(
     metrics = Metrics(worker=worker)
     # The port first: a server that cannot listen fails before it opens any pool.
     server, port = _bound_server(settings, reuse_port=reuse_port)
+    probe_server, probe_port = None, None
+    if settings.health_listen:
+        probe_server, probe_port = _probe_server(settings, reuse_port=reuse_port)
     redis_url = redis_url or settings.redis_url
     cache = build_cache(settings, redis_url)
     engine, database, queries, untimed_catalog = cache.engine, cache.database, cache.queries, cache.catalog
@@ -171,21 +181,16 @@ def create_app(
     health_handlers = _captured_handlers(health_pb2_grpc.add_HealthServicer_to_server, checker.servicer)
     observed = Guard(observability)
     observed_health = {rpc: observed.wrap(rpc, handler) for rpc, handler in health_handlers.items()}
-    # Generic handlers, with one registered method: grpc.aio's serving loop keeps one pending
-    # request-call future per registered method (and one for all generic ones) and runs asyncio.wait
-    # over all of them for every call it takes in, adding and removing a done callback on each; with
-    # the service's 11 and health's 3 registered, that was 15% of a near-cache hit's instructions. The
-    # one kept is Health/Check: grpc core queues the calls the loop has not taken up per registered
-    # method (and one queue for the rest), and sheds past CACHEASIDE_MAX_PENDING_RPCS per queue, so a
-    # probe never waits behind, or is shed with, a backlog of reads.
+    # Generic handlers only: grpc.aio's serving loop keeps one pending request-call future per
+    # registered method (and one for all generic ones) and runs asyncio.wait over all of them for every
+    # call it takes in, adding and removing a done callback on each. With the service's 11 and health's
+    # 3 registered, that was 15% of a near-cache hit's instructions; with health's Check alone, 1.5%
+    # (`make bench-instructions`). Probes that must not queue behind reads go to the probe port.
     server.add_generic_rpc_handlers(
         (
             _guarded_service(service.method_handlers(), settings, observability),
             grpc.method_handlers_generic_handler(health.SERVICE_NAME, observed_health),
         )
-    )
-    server.add_registered_method_handlers(  # type: ignore[attr-defined]  # grpc-stubs predates it
-        health.SERVICE_NAME, {"Check": observed_health["Check"]}
     )
     if settings.reflection:
         # Served as a generic handler too (its generated code would register its method).
@@ -198,6 +203,10 @@ def create_app(
         )
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(reflection.SERVICE_NAME, reflection_handlers),)
+        )
+    if probe_server is not None:
+        probe_server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(health.SERVICE_NAME, observed_health),)
         )
     invalidator = None
     if settings.auto_invalidate and not db.is_sqlite(settings.database_url):
@@ -217,6 +226,8 @@ def create_app(
         settings=settings,
         health=checker,
         metrics=metrics,
+        probe_server=probe_server,
+        probe_port=probe_port,
         invalidator=invalidator,
         auditor=auditor,
     )
@@ -265,6 +276,20 @@ def _captured_handlers(add_to_server: Callable[[Any, Any], None], servicer: Any)
     return capture.handlers
 
 
+def _probe_server(settings: Settings, *, reuse_port: bool) -> tuple[grpc.aio.Server, int]:
+    """A second server, bound to CACHEASIDE_HEALTH_LISTEN, for health alone (create_app adds it): for
+    probes that must answer when the service's port is swamped.
+
+    grpc core queues per server the calls the event loop has not taken up yet, and the service's server
+    sheds past CACHEASIDE_MAX_PENDING_RPCS: on a server of its own a probe never waits behind, or is shed
+    with, a backlog of reads, and costs the reads nothing (as a registered method on the service's
+    port, it cost each of them 1.5%). Plaintext whatever the service's TLS, as Kubernetes' gRPC probes
+    speak no TLS: bind it where only probes reach.
+    """
+    server = grpc.aio.server(options=[("grpc.so_reuseport", int(reuse_port)), *_KEEPALIVE_OPTIONS])
+    return server, _listen(server, settings.health_listen, None)
+
+
 def _bound_server(settings: Settings, *, reuse_port: bool) -> tuple[grpc.aio.Server, int]:
     """The gRPC server with its options, bound to CACHEASIDE_LISTEN; returns the port."""
     server = grpc.aio.server(
@@ -280,17 +305,21 @@ def _bound_server(settings: Settings, *, reuse_port: bool) -> tuple[grpc.aio.Ser
             *_KEEPALIVE_OPTIONS,
         ],
     )
-    credentials = tls.server_credentials(settings)
+    return server, _listen(server, settings.listen, tls.server_credentials(settings))
+
+
+def _listen(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+    """Bind server to address, with TLS where credentials are given; returns the port."""
     try:
         if credentials is None:
-            port = server.add_insecure_port(settings.listen)
+            port = server.add_insecure_port(address)
         else:
-            port = server.add_secure_port(settings.listen, credentials)
+            port = server.add_secure_port(address, credentials)
     except RuntimeError as exc:  # grpcio raises where it used to return 0
-        raise RuntimeError(f"could not listen on {settings.listen}: {exc}") from exc
+        raise RuntimeError(f"could not listen on {address}: {exc}") from exc
     if port == 0:
-        raise RuntimeError(f"could not listen on {settings.listen}")
-    return server, port
+        raise RuntimeError(f"could not listen on {address}")
+    return port
 
 
 async def serve(

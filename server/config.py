@@ -77,6 +77,7 @@ class Settings(BaseSettings):
     health_interval_ms: int = Field(default=1000, gt=0)
     reflection: bool = True
     metrics_listen: str = ""
+    health_listen: str = ""
     log_format: Literal["json", "text"] = "json"
     workers: int = Field(default=1, ge=1, le=64)
     event_loop: Literal["asyncio", "uvloop"] = "uvloop"

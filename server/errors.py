@@ -14,7 +14,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from server.logs import REQUEST_ID
+from server.logs import request_id as current_request_id
 
 ERROR_DOMAIN = "cacheaside"
 
@@ -87,7 +87,7 @@ def to_status(error: ServiceError) -> grpc.Status:
     detail.Pack(info)
     status = status_pb2.Status(code=error.code.value[0], message=error.message, details=[detail])
     converted = rpc_status.to_status(status)
-    request_id = REQUEST_ID.get()
+    request_id = current_request_id()
     if request_id is None:
         return converted
     return _Status(

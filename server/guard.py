@@ -121,7 +121,7 @@ def _guarded_unary(inner: Unary, observer: Observer, check: _Check | None, limit
         except BaseException as exc:
             failed(context, started, exc)
             raise
-        succeeded(started)
+        succeeded(context, started)
         return response
 
     return guarded
@@ -148,6 +148,6 @@ def _guarded_stream(
         except BaseException as exc:
             failed(context, started, exc)
             raise
-        succeeded(started)
+        succeeded(context, started)
 
     return guarded

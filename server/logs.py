@@ -1,20 +1,42 @@
 """Structured logs: one JSON object per line, carrying the request id of the call that logged it.
 
-The request id lives in a context variable that the observability interceptor sets for each call, so
-every line logged while serving that call, at any depth, says which call it belongs to.
+The request id lives in a context variable that the guard's first step (observability.py) sets for
+each call, so every line logged while serving that call, at any depth, says which call it belongs to.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import secrets
 import sys
 import time
 from contextvars import ContextVar
 from typing import Any, Literal
 
-REQUEST_ID: ContextVar[str | None] = ContextVar("cacheaside_request_id", default=None)
-"""The id of the call being served in this task, or None outside a call."""
+REQUEST_ID: ContextVar[str | int | None] = ContextVar("cacheaside_request_id", default=None)
+"""The id of the call being served in this task: the caller's, or a call number this process made (see
+`request_id`); None outside a call."""
+
+# Ids for calls that bring none: 16 random hex digits per process, then a call number. Unique across
+# processes (64 random bits each, from os.urandom) and within one (the count, shared by every server in
+# it; workers are fresh interpreters, and nothing forks after startup). The number is what a call
+# stores; the text is made only when something shows it (a log line, a failure's metadata), which
+# most calls never do. Ids are for correlating logs, not secrets: callers who want opaque ones send
+# their own.
+_MADE_ID_PREFIX = f"{secrets.token_hex(8)}-"
+CALL_NUMBERS = itertools.count(1)
+"""The next call number: `next(CALL_NUMBERS)`, stored in REQUEST_ID for a call that sent no id."""
+
+
+def request_id(stored: str | int | None = None) -> str | None:
+    """The text of a request id as REQUEST_ID stores it (the current call's when not given):
+    `3f9c0a7e15d2b864-1`, `3f9c0a7e15d2b864-2`, ... for the ones made here."""
+    if stored is None:
+        stored = REQUEST_ID.get()
+    return f"{_MADE_ID_PREFIX}{stored}" if isinstance(stored, int) else stored
+
 
 # Attributes every LogRecord has; anything else was passed with `extra=` and is logged as a field.
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
@@ -31,9 +53,9 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
             "pid": record.process,
         }
-        request_id = REQUEST_ID.get()
-        if request_id is not None:
-            line["request_id"] = request_id
+        current = request_id()
+        if current is not None:
+            line["request_id"] = current
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
                 line[key] = value

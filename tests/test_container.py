@@ -68,8 +68,9 @@ def test_the_deployment_gives_shutdown_more_time_than_the_grace_and_probes_over_
     container = pod["containers"][0]
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert pod["terminationGracePeriodSeconds"] > float(env["CACHEASIDE_SHUTDOWN_GRACE_S"])
-    assert container["readinessProbe"]["grpc"] == {"port": 50051, "service": "cacheaside.v1.CacheService"}
-    assert container["livenessProbe"]["grpc"]["port"] == 50051
+    probes = next(port["containerPort"] for port in container["ports"] if port["name"] == "probes")
+    assert container["readinessProbe"]["grpc"] == {"port": probes, "service": "cacheaside.v1.CacheService"}
+    assert container["livenessProbe"]["grpc"]["port"] == probes
     assert pod["securityContext"]["runAsNonRoot"] is True
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
     assert {"redis", "postgres", "cacheaside"} <= set(compose["services"])
@@ -165,7 +166,8 @@ async def test_the_dockerfile_install_and_start_steps_work_outside_docker(
     assert health is not None
     assert health[0] == "cacheaside"
 
-    port = free_port()
+    port, probe_port = free_port(), free_port()
+    assert {"CACHEASIDE_HEALTH_LISTEN", "CACHEASIDE_HEALTH_TARGET"} <= set(run_env), "the image probes apart"
     run_env.update(
         {
             "CACHEASIDE_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/container.db",
@@ -173,6 +175,8 @@ async def test_the_dockerfile_install_and_start_steps_work_outside_docker(
             "CACHEASIDE_KEY_PREFIX": f"container-{port}",
             "CACHEASIDE_LISTEN": f"127.0.0.1:{port}",
             "CACHEASIDE_TARGET": f"127.0.0.1:{port}",
+            "CACHEASIDE_HEALTH_LISTEN": f"127.0.0.1:{probe_port}",
+            "CACHEASIDE_HEALTH_TARGET": f"127.0.0.1:{probe_port}",
             "CACHEASIDE_METRICS_LISTEN": "127.0.0.1:0",
         }
     )

@@ -26,8 +26,16 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 async def _status(running: Running, service: str = "") -> int:
+    """The status on the service's port, after checking the probe port (if any) says the same."""
     stub = health_pb2_grpc.HealthStub(running.channel)
-    return (await stub.Check(health_pb2.HealthCheckRequest(service=service))).status
+    status = (await stub.Check(health_pb2.HealthCheckRequest(service=service))).status
+    if running.app.probe_port is not None:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.app.probe_port}") as probes:
+            probed = await health_pb2_grpc.HealthStub(probes).Check(
+                health_pb2.HealthCheckRequest(service=service)
+            )
+        assert probed.status == status, "the probe port answers as the service's port does"
+    return status
 
 
 @pytest.mark.parametrize("database", ["postgresql"], indirect=True)
@@ -46,6 +54,7 @@ async def test_health_is_not_serving_while_the_database_is_down_and_comes_back(
         health_interval_ms=50,
         db_timeout_ms=1000,
         db_error_backoff_ms=0,
+        health_listen="127.0.0.1:0",
     )
     watch = health_pb2_grpc.HealthStub(running.channel).Watch(health_pb2.HealthCheckRequest(service=SERVICE))
     try:

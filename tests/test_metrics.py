@@ -118,26 +118,33 @@ async def test_every_dashboard_query_names_a_metric_the_server_exports(
             assert name in exported, f"the dashboard queries {name}, which the server does not export"
 
 
-async def test_request_id_is_taken_from_metadata_or_made_and_returned(service: Running) -> None:
+async def test_a_callers_request_id_is_returned_and_a_made_one_only_with_a_failure(service: Running) -> None:
     pending = service.stub.GetTrending(pb.GetTrendingRequest(), metadata=(("x-request-id", "req-42"),))
     await pending
     assert dict(await pending.trailing_metadata())["x-request-id"] == "req-42"
+    pending = service.stub.GetTrending(pb.GetTrendingRequest(), metadata=(("x-request-id", "bad id!"),))
+    await pending
+    assert "x-request-id" not in dict(await pending.trailing_metadata()), "not valid: replaced, not echoed"
 
     pending = service.stub.GetTrending(pb.GetTrendingRequest())
     await pending
-    made = dict(await pending.trailing_metadata())["x-request-id"]
-    assert re.fullmatch(r"[0-9a-f]{16}-[1-9][0-9]*", made)
-    pending = service.stub.GetTrending(pb.GetTrendingRequest())
-    await pending
-    again = dict(await pending.trailing_metadata())["x-request-id"]
-    assert again != made, "a new number"
-    assert again.split("-")[0] == made.split("-")[0], "one process: its prefix"
+    assert "x-request-id" not in dict(await pending.trailing_metadata()), "succeeded, nothing logged"
 
     failing = service.stub.GetPost(pb.GetPostRequest(post_id="nope"), metadata=(("x-request-id", "req-43"),))
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await failing
     assert raised.value.code() == grpc.StatusCode.NOT_FOUND
-    assert dict(raised.value.trailing_metadata() or ())["x-request-id"] == "req-43", "errors carry it too"
+    assert [v for k, v in raised.value.trailing_metadata() or () if k == "x-request-id"] == ["req-43"]
+
+    made = []
+    for bad_input in ("nope", "bad id!"):  # NOT_FOUND, then INVALID_ARGUMENT
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await service.stub.GetPost(pb.GetPostRequest(post_id=bad_input))
+        made += [v for k, v in raised.value.trailing_metadata() or () if k == "x-request-id"]
+    assert len(made) == 2, "a failure carries its made id, once"
+    assert all(re.fullmatch(r"[0-9a-f]{16}-[1-9][0-9]*", one) for one in made)
+    assert made[0] != made[1], "a new number"
+    assert made[0].split("-")[0] == made[1].split("-")[0], "one process: its prefix"
 
 
 async def test_logs_are_json_lines_with_the_request_id_and_the_hot_path_logs_nothing(
@@ -162,13 +169,15 @@ async def test_logs_are_json_lines_with_the_request_id_and_the_hot_path_logs_not
             await call(
                 service.stub.GetPost, pb.GetPostRequest(post_id="p1"), metadata=(("x-request-id", "r-7"),)
             )
+            _, made = await call(service.stub.GetPost, pb.GetPostRequest(post_id="p1"))
         finally:
             logging.getLogger("server.observability").setLevel(logging.NOTSET)
     finally:
         root.removeHandler(handler)
         root.setLevel(level)
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
-    assert len(lines) == 1
+    assert len(lines) == 2
+    assert lines[1]["request_id"] == made["x-request-id"], "under DEBUG, a made id is returned: it was logged"
     line = lines[0]
     assert (line["level"], line["msg"], line["rpc"], line["code"], line["request_id"]) == (
         "DEBUG",

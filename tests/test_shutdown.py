@@ -1,4 +1,6 @@
-"""SIGTERM: health goes NOT_SERVING, calls in flight finish, new calls are refused, the process exits 0."""
+"""SIGTERM: health goes NOT_SERVING, calls in flight finish, new calls are refused, the process exits 0.
+
+The probe port (CACHEASIDE_HEALTH_LISTEN) answers NOT_SERVING until the calls in flight are done."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import signal
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -58,10 +61,11 @@ async def test_sigterm_lets_calls_in_flight_finish_and_refuses_new_ones(
     await add_user(db_engine, "alice")
     await add_post(db_engine, "p1", "alice", title="in flight")
     port = free_port()
-    target = f"127.0.0.1:{port}"
+    target, probe_target = f"127.0.0.1:{port}", f"127.0.0.1:{free_port()}"
     env = server_env(
         settings,
         CACHEASIDE_LISTEN=target,
+        CACHEASIDE_HEALTH_LISTEN=probe_target,
         CACHEASIDE_SHUTDOWN_GRACE_S="30",
         CACHEASIDE_DB_TIMEOUT_MS="30000",
         CACHEASIDE_LEASE_TTL_MS="31000",
@@ -81,6 +85,8 @@ async def test_sigterm_lets_calls_in_flight_finish_and_refuses_new_ones(
             await log_lines_until(process, "shutting down")
             await _wait_until_refused(target)
             assert not in_flight.done(), "the call in flight is still waiting for its row"
+            probed = await health_status(probe_target, timeout_s=5)
+            assert probed == health_pb2.HealthCheckResponse.NOT_SERVING, "the probe port says so"
 
             await transaction.rollback()
             response = await asyncio.wait_for(in_flight, 30)
