@@ -93,7 +93,8 @@ class Reply(Generic[ResponseT]):
 
     @property
     def request_id(self) -> str | None:
-        """x-request-id: the id the server logged this call under."""
+        """x-request-id: the id the server logged this call under; the one sent, else None (a successful
+        call that sent none: the server logged nothing under it)."""
         return self.trailing_metadata.get("x-request-id")
 
 

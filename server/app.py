@@ -348,6 +348,7 @@ async def serve(
                 "tls": bool(settings.tls_cert_file),
                 "mtls": bool(settings.tls_client_ca_file),
                 "metrics_port": app.metrics_server.port if app.metrics_server else None,
+                "health_port": app.probe_port,
                 "admin_token": bool(settings.admin_token.get_secret_value()),
                 "read_token": bool(settings.read_token.get_secret_value()),
                 "worker": worker,

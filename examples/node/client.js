@@ -60,7 +60,7 @@ function createClient(target, { token, timeoutMs = DEFAULT_TIMEOUT_MS, credentia
           call.on("error", reject);
           call.on("status", (status) => {
             if (status.code === grpc.status.OK) {
-              resolve({ responses, requestId: status.metadata.get("x-request-id")[0] });
+              resolve({ responses, requestId: status.metadata.get("x-request-id")[0] ?? null });
             }
           });
         });
@@ -77,7 +77,7 @@ function createClient(target, { token, timeoutMs = DEFAULT_TIMEOUT_MS, credentia
         let trailers = null;
         const settle = () => {
           if (!answered || !trailers) return;
-          result.requestId = trailers.get("x-request-id")[0];
+          result.requestId = trailers.get("x-request-id")[0] ?? null; // only the one sent, or on errors
           if (answered.error) {
             answered.error.requestId = result.requestId;
             reject(answered.error);

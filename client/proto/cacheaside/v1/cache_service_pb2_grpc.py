@@ -28,7 +28,7 @@ if _version_not_supported:
 class CacheServiceStub:
     """CacheService reads users and posts through a Redis cache-aside layer in front of the SQL database.
 
-    Every successful read carries trailing metadata (with x-request-id, which every call has):
+    Every successful read carries trailing metadata (and x-request-id if the caller sent one):
     x-cache:      "hit" (served from Redis), "miss" (loaded from the database and cached),
     "stale" (the database failed or was too slow; served an expired copy, at most
     CACHEASIDE_MAX_STALE_S old), or "bypass" (Redis was unavailable; served from the
@@ -104,7 +104,7 @@ class CacheServiceStub:
 class CacheServiceServicer:
     """CacheService reads users and posts through a Redis cache-aside layer in front of the SQL database.
 
-    Every successful read carries trailing metadata (with x-request-id, which every call has):
+    Every successful read carries trailing metadata (and x-request-id if the caller sent one):
     x-cache:      "hit" (served from Redis), "miss" (loaded from the database and cached),
     "stale" (the database failed or was too slow; served an expired copy, at most
     CACHEASIDE_MAX_STALE_S old), or "bypass" (Redis was unavailable; served from the
@@ -265,7 +265,7 @@ def add_CacheServiceServicer_to_server(servicer, server):
 class CacheService:
     """CacheService reads users and posts through a Redis cache-aside layer in front of the SQL database.
 
-    Every successful read carries trailing metadata (with x-request-id, which every call has):
+    Every successful read carries trailing metadata (and x-request-id if the caller sent one):
     x-cache:      "hit" (served from Redis), "miss" (loaded from the database and cached),
     "stale" (the database failed or was too slow; served an expired copy, at most
     CACHEASIDE_MAX_STALE_S old), or "bypass" (Redis was unavailable; served from the

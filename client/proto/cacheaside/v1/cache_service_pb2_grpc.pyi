@@ -29,7 +29,7 @@ GRPC_VERSION: str
 class CacheServiceStub:
     """CacheService reads users and posts through a Redis cache-aside layer in front of the SQL database.
 
-    Every successful read carries trailing metadata (with x-request-id, which every call has):
+    Every successful read carries trailing metadata (and x-request-id if the caller sent one):
       x-cache:      "hit" (served from Redis), "miss" (loaded from the database and cached),
                     "stale" (the database failed or was too slow; served an expired copy, at most
                     CACHEASIDE_MAX_STALE_S old), or "bypass" (Redis was unavailable; served from the
@@ -80,7 +80,7 @@ class CacheServiceStub:
 class CacheServiceAsyncStub(CacheServiceStub):
     """CacheService reads users and posts through a Redis cache-aside layer in front of the SQL database.
 
-    Every successful read carries trailing metadata (with x-request-id, which every call has):
+    Every successful read carries trailing metadata (and x-request-id if the caller sent one):
       x-cache:      "hit" (served from Redis), "miss" (loaded from the database and cached),
                     "stale" (the database failed or was too slow; served an expired copy, at most
                     CACHEASIDE_MAX_STALE_S old), or "bypass" (Redis was unavailable; served from the
@@ -127,7 +127,7 @@ class CacheServiceAsyncStub(CacheServiceStub):
 class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
     """CacheService reads users and posts through a Redis cache-aside layer in front of the SQL database.
 
-    Every successful read carries trailing metadata (with x-request-id, which every call has):
+    Every successful read carries trailing metadata (and x-request-id if the caller sent one):
       x-cache:      "hit" (served from Redis), "miss" (loaded from the database and cached),
                     "stale" (the database failed or was too slow; served an expired copy, at most
                     CACHEASIDE_MAX_STALE_S old), or "bypass" (Redis was unavailable; served from the
