@@ -22,3 +22,22 @@ def like(handler: Handler, behavior: Callable[..., Any]) -> Handler:
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
+
+
+AnswerNow: TypeAlias = "Callable[[bytes, Any], bytes | None]"
+"""A read's answer when it can be given at once, without awaiting anything (a held near-cache answer,
+with its metadata set on the context); else None, and the handler proper serves the call."""
+
+_ANSWER_NOW = "answer_now"
+
+
+def answering_now(behavior: Callable[..., Any], answer_now: AnswerNow) -> Callable[..., Any]:
+    """behavior, marked with the answer it can give at once (the guard asks that first: guard.py)."""
+    setattr(behavior, _ANSWER_NOW, answer_now)
+    return behavior
+
+
+def answer_now_of(behavior: Callable[..., Any]) -> AnswerNow | None:
+    """What `answering_now` marked behavior with, or None."""
+    found: AnswerNow | None = getattr(behavior, _ANSWER_NOW, None)
+    return found

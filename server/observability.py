@@ -87,6 +87,8 @@ class Observability:
             ok.inc()
             duration.observe(time.perf_counter() - started)
             if _LOGGER.isEnabledFor(logging.DEBUG):
+                if REQUEST_ID.get() is None:  # answered at once, before any id (guard.py)
+                    REQUEST_ID.set(next(numbers))
                 _LOGGER.debug("rpc ok", extra={"rpc": rpc, "code": "OK", "ms": _ms_since(started)})
                 _return_made_id(context)
 

@@ -45,6 +45,7 @@ from server.errors import (
     ServiceError,
     to_status,
 )
+from server.handlers import answering_now
 from server.validation import check_duration_s, check_id, check_ids, check_limit
 from server.warming import WarmProgress, Warms
 
@@ -150,17 +151,22 @@ class CacheService:
         count_hit = self._observer.read_counter if self._observer is not None else None
         held_details: dict[str, tuple[Callable[[], None] | None, Metadata]] = {}  # by tier, made once
 
+        def answer_now(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes | None:
+            held = answers.get(raw) if answers is not None else None
+            if held is None:
+                return None
+            _, _, response, (lookups, counted, cache_metadata) = held
+            if counted is not None:
+                counted()
+            if note is not None:
+                note(lookups)
+            context.set_trailing_metadata((*context.trailing_metadata(), *cache_metadata))
+            return response
+
         async def handle(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
-            if answers is not None:
-                held = answers.get(raw)
-                if held is not None:
-                    _, _, response, (lookups, counted, cache_metadata) = held
-                    if counted is not None:
-                        counted()
-                    if note is not None:
-                        note(lookups)
-                    context.set_trailing_metadata((*context.trailing_metadata(), *cache_metadata))
-                    return response
+            answered = answer_now(raw, context)
+            if answered is not None:
+                return answered
             try:
                 request = parse(raw)
             except DecodeError:
@@ -196,7 +202,7 @@ class CacheService:
             except _UNAVAILABLE_ERRORS as exc:
                 await _abort(context, exc)
 
-        return handle
+        return answering_now(handle, answer_now) if answers is not None else handle
 
     # Plans -----------------------------------------------------------------------------------
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import time
 from collections.abc import AsyncIterator
 
@@ -255,3 +257,28 @@ async def test_a_held_answer_still_needs_the_read_token(
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
     finally:
         await stop_service(running)
+
+
+async def test_a_held_answer_given_at_once_is_counted_timed_and_under_debug_logged_with_its_id(
+    two: list[Running], caplog: pytest.LogCaptureFixture
+) -> None:
+    # A held answer is given before the guard makes an id or takes a place under the call limit: it
+    # is still counted and timed, and under DEBUG logged with an id that comes back, as any call is.
+    reader, _ = two
+    near = await _admitted(reader, "p1")
+    metrics = reader.app.metrics
+    ok = metrics.rpc_requests.labels("GetPost", "OK")
+    timed = metrics.rpc_duration.labels("GetPost")
+    count, observed, answered = ok.value, sum(timed.counts), near.stats.answered
+    _, meta = await call(reader.stub.GetPost, pb.GetPostRequest(post_id="p1"))
+    assert near.stats.answered == answered + 1, "answered at once"
+    assert (ok.value, sum(timed.counts)) == (count + 1, observed + 1)
+    assert meta["x-cache"] == "hit"
+    assert "x-request-id" not in meta
+
+    caplog.set_level(logging.DEBUG, logger="server.observability")
+    _, meta = await call(reader.stub.GetPost, pb.GetPostRequest(post_id="p1"))
+    assert near.stats.answered == answered + 2
+    logged = [r for r in caplog.records if r.getMessage() == "rpc ok"]
+    assert len(logged) == 1
+    assert re.fullmatch(r"[0-9a-f]{16}-[1-9][0-9]*", meta["x-request-id"]), meta
