@@ -234,7 +234,10 @@ def _warm(args: argparse.Namespace) -> int:
 
 def _health(args: argparse.Namespace) -> int:
     # A probe answers now or fails: no retries stretching it past the orchestrator's own timeout.
-    with _client(args, max_attempts=1) as client:
+    probe_port = args.target == os.environ.get("CACHEASIDE_HEALTH_TARGET")
+    # The probe port speaks plaintext and needs no token (server/app.py's _probe_server): none is sent.
+    connect = CacheClient(args.target, timeout_s=args.timeout, max_attempts=1) if probe_port else None
+    with connect or _client(args, max_attempts=1) as client:
         try:
             status = health_pb2.HealthCheckResponse.ServingStatus.Name(client.health(args.service))
         except grpc.RpcError as error:

@@ -112,9 +112,11 @@ class App:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         grace_s = self.settings.shutdown_grace_s if grace_s is None else grace_s
-        await self.server.stop(grace_s)
-        if self.probe_server is not None:  # after the calls' grace: probes saw NOT_SERVING through it
-            await self.probe_server.stop(0)
+        try:
+            await self.server.stop(grace_s)
+        finally:
+            if self.probe_server is not None:  # after the calls' grace: probes saw NOT_SERVING through it
+                await self.probe_server.stop(0)
         if self.metrics_server is not None:
             # A thread join; quick, since the server's loop wakes every half second at most.
             await asyncio.to_thread(self.metrics_server.stop)
@@ -180,7 +182,9 @@ def create_app(
     # Health calls are observed (request id, metrics), never token-checked or limited: probes answer.
     health_handlers = _captured_handlers(health_pb2_grpc.add_HealthServicer_to_server, checker.servicer)
     observed = Guard(observability)
-    observed_health = {rpc: observed.wrap(rpc, handler) for rpc, handler in health_handlers.items()}
+    observed_health = {
+        rpc: observed.wrap(rpc, handler, ids_up_front=True) for rpc, handler in health_handlers.items()
+    }
     # Generic handlers only: grpc.aio's serving loop keeps one pending request-call future per
     # registered method (and one for all generic ones) and runs asyncio.wait over all of them for every
     # call it takes in, adding and removing a done callback on each. With the service's 11 and health's

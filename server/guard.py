@@ -58,13 +58,19 @@ class Guard:
         )
 
     def wrap(
-        self, rpc: str, handler: grpc.RpcMethodHandler[Any, Any], *, callers_ids: bool = True
+        self,
+        rpc: str,
+        handler: grpc.RpcMethodHandler[Any, Any],
+        *,
+        callers_ids: bool = True,
+        ids_up_front: bool = False,
     ) -> grpc.RpcMethodHandler[Any, Any]:
         """Method `rpc`'s unary or server-streaming handler, guarded (any other kind as it is).
 
-        Without callers_ids, for calls known to send no request id (see `generic_handler`).
+        Without callers_ids, for calls known to send no request id (see `generic_handler`);
+        ids_up_front for handlers that abort on their own (Observability.observer).
         """
-        observer = self._observability.observer(rpc, callers_ids=callers_ids)
+        observer = self._observability.observer(rpc, callers_ids=callers_ids, ids_up_front=ids_up_front)
         check = self._check_for(rpc) if self._check_for is not None else None
         if handler.unary_unary is not None:
             # An answer given at once needs no request id (nothing it does can log), but a caller's
@@ -120,7 +126,12 @@ def _guarded_unary(
     async def guarded(request: Any, context: _Context) -> Any:
         if now is not None:
             started = perf_counter()
-            answered = now(request, context)
+            try:
+                answered = now(request, context)
+            except BaseException as exc:
+                begin(context)  # the id the failure's log line and metadata carry
+                failed(context, started, exc)
+                raise
             if answered is not None:
                 succeeded(context, started)
                 return answered

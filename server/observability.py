@@ -2,10 +2,12 @@
 failed on the server's side: the first and last steps of the guard (guard.py) around every handler.
 
 The request id comes back in the trailing metadata `x-request-id` whenever it names something: the
-caller's own, always; one made here, with a failure (the log line of a server-side failure carries it)
-and with every call while DEBUG logs each. A call that sent none and succeeded gets none: nothing was
-logged under it, and a made id on every answer cost a near-cache hit 2.5% of its instructions (a new
-metadata value to encode and frame each time; `make bench-instructions`).
+caller's own, always; one made here, with a failure (the log line of a server-side failure carries it),
+with every health call (grpc_health aborts on its own, before the last step could add one) and with
+every call while DEBUG logs each. A read that sent none and succeeded gets none: nothing was logged
+under it (but a rate-limited warning of a Redis fault it survived), and a made id on every answer cost
+a near-cache hit 2.5% of its instructions (a new metadata value to encode and frame each time;
+`make bench-instructions`).
 
 A cache hit passes through here too, so the per-call work is small: each method's steps are built
 once, not per call, and nothing is logged for a successful call unless DEBUG is on.
@@ -61,8 +63,12 @@ class Observability:
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
 
-    def observer(self, rpc: str, *, callers_ids: bool = True) -> Observer:
+    def observer(self, rpc: str, *, callers_ids: bool = True, ids_up_front: bool = False) -> Observer:
         """The steps observing calls of method `rpc`: its metric children resolved once, here.
+
+        ids_up_front: a made id goes into the trailing metadata at once, for handlers that abort on
+        their own (grpc_health's Check): a plain `context.abort` sends the status before the guard's
+        last step could add it. The service's own errors bring it in their status (errors.to_status).
 
         With callers_ids, a call's request id is the one in its metadata when valid (else a new one);
         without, always a new one: for calls known to carry none (guard.GuardedService), which then
@@ -77,7 +83,10 @@ class Observability:
         def begin(context: _Context) -> float:
             callers = _callers_id(context) if callers_ids else None
             if callers is None:
-                REQUEST_ID.set(next(numbers))  # its text is made if it is ever shown
+                number = next(numbers)
+                REQUEST_ID.set(number)  # its text is made if it is ever shown
+                if ids_up_front:
+                    context.set_trailing_metadata(((REQUEST_ID_HEADER, f"{request_id(number)}"),))
             else:
                 REQUEST_ID.set(callers)
                 context.set_trailing_metadata(((REQUEST_ID_HEADER, callers),))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 
 import grpc
 import pytest
@@ -122,5 +123,23 @@ async def test_reflection_lists_the_services_and_can_be_turned_off(
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await _reflection_services(running)
         assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        await stop_service(running)
+
+
+async def test_a_health_check_of_an_unknown_service_is_not_found_with_a_request_id(
+    settings: Settings,
+) -> None:
+    # grpc_health aborts on its own (a plain context.abort, which sends the status at once): the guard
+    # puts health's made id in the trailing metadata before the handler runs, so the failure has one.
+    running = await start_service(settings)
+    try:
+        stub = health_pb2_grpc.HealthStub(running.channel)
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.Check(health_pb2.HealthCheckRequest(service="nope"))
+        assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+        ids = [value for key, value in raised.value.trailing_metadata() or () if key == "x-request-id"]
+        assert len(ids) == 1, raised.value.trailing_metadata()
+        assert re.fullmatch(r"[0-9a-f]{16}-[1-9][0-9]*", ids[0])
     finally:
         await stop_service(running)
