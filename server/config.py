@@ -108,6 +108,17 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _probe_port_apart(self) -> Settings:
+        # With workers the ports are bound with SO_REUSEPORT: the same address would not fail to bind,
+        # it would split the service's connections between it and the health-only server.
+        if self.health_listen and self.health_listen == self.listen:
+            raise ValueError(
+                f"CACHEASIDE_HEALTH_LISTEN ({self.health_listen}) must differ from CACHEASIDE_LISTEN: the "
+                "probe port serves health alone"
+            )
+        return self
+
     @field_validator("family_tiers", mode="before")
     @classmethod
     def _tiers_from_text(cls, value: object) -> object:

@@ -143,3 +143,9 @@ async def test_a_health_check_of_an_unknown_service_is_not_found_with_a_request_
         assert re.fullmatch(r"[0-9a-f]{16}-[1-9][0-9]*", ids[0])
     finally:
         await stop_service(running)
+
+
+def test_the_probe_port_must_differ_from_the_service_port() -> None:
+    with pytest.raises(ValueError, match=r"CACHEASIDE_HEALTH_LISTEN .* must differ from CACHEASIDE_LISTEN"):
+        Settings(listen="127.0.0.1:50051", health_listen="127.0.0.1:50051")
+    assert Settings(listen="127.0.0.1:50051", health_listen="127.0.0.1:50052").health_listen
