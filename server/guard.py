@@ -74,14 +74,15 @@ class Guard:
         check = self._check_for(rpc) if self._check_for is not None else None
         if handler.unary_unary is not None:
             # An answer given at once needs no request id (nothing it does can log), but a caller's
-            # id must come back, and a token must be checked first.
-            now = answer_now_of(handler.unary_unary) if check is None and not callers_ids else None
-            guarded = _guarded_unary(handler.unary_unary, observer, check, self._limit, now)  # type: ignore[arg-type]
+            # id must come back, and a token must be checked first: then it is asked for later.
+            now = answer_now_of(handler.unary_unary)
+            first = check is None and not callers_ids
+            guarded = _guarded_unary(handler.unary_unary, observer, check, self._limit, now, first=first)  # type: ignore[arg-type]
             return like(handler, guarded)
         if handler.unary_stream is not None and not inspect.isasyncgenfunction(handler.unary_stream):
             # A streaming handler that writes with context.write() (grpc_health's Watch) is a coroutine.
             writer: Unary = handler.unary_stream  # type: ignore[assignment]
-            return like(handler, _guarded_unary(writer, observer, check, self._limit, None))
+            return like(handler, _guarded_unary(writer, observer, check, self._limit, None, first=False))
         if handler.unary_stream is not None:
             stream: Stream = handler.unary_stream  # type: ignore[assignment]
             return like(handler, _guarded_stream(stream, observer, check, self._limit))
@@ -115,19 +116,28 @@ class GuardedService(grpc.GenericRpcHandler):  # type: ignore[type-arg]  # gener
 # The unary and the streaming guard run the same steps; they differ in how the handler is awaited,
 # and an async generator cannot be wrapped by a coroutine (nor the hot unary path by a generator).
 def _guarded_unary(
-    inner: Unary, observer: Observer, check: _Check | None, limit: ConcurrencyLimit, now: AnswerNow | None
+    inner: Unary,
+    observer: Observer,
+    check: _Check | None,
+    limit: ConcurrencyLimit,
+    now: AnswerNow | None,
+    *,
+    first: bool,
 ) -> Unary:
-    """inner, guarded; where `now` is given, a call it answers at once is only counted and timed: it
-    has no request id (nothing it does can log) and takes no place under the limit (it awaits nothing,
-    so it is never in flight beside another). 1% of a held near-cache answer's instructions."""
+    """inner, guarded, `now`'s answer (where given) served instead when it has one. Asked `first`, a
+    call it answers is only counted and timed: it has no request id (nothing it does can log) and takes
+    no place under the limit (it awaits nothing, so it is never in flight beside another); 1% of a held
+    near-cache answer's instructions. Otherwise it is asked after the token check and the limit."""
     begin, succeeded, failed = observer
     perf_counter = time.perf_counter
+    early = now if first else None
+    late = None if first else now
 
     async def guarded(request: Any, context: _Context) -> Any:
-        if now is not None:
+        if early is not None:
             started = perf_counter()
             try:
-                answered = now(request, context)
+                answered = early(request, context)
             except BaseException as exc:
                 begin(context)  # the id the failure's log line and metadata carry
                 failed(context, started, exc)
@@ -143,7 +153,9 @@ def _guarded_unary(
                 await limit.refuse(context)
             limit.active += 1
             try:
-                response = await inner(request, context)
+                response = late(request, context) if late is not None else None
+                if response is None:
+                    response = await inner(request, context)
             finally:
                 limit.active -= 1
         except BaseException as exc:
