@@ -29,7 +29,7 @@ from server.cache import CacheEngine, Outcome
 from server.cache.breaker import BreakerState
 from server.domain.catalog import Catalog, with_load_reports
 from server.invalidator import OutboxInvalidator
-from server.tally import CountFamily, TimingsFamily
+from server.tally import Count, CountFamily, TimingsFamily
 from server.warming import WarmResult
 
 # Latency buckets from a cache hit (sub-millisecond) to a database load near its timeout.
@@ -144,9 +144,9 @@ class Metrics:
 
         return record
 
-    def read_counter(self, rpc: str, outcome: Outcome, tier: str) -> Callable[[], None]:
-        """The increment of one (rpc, outcome, tier) child: for a caller that knows all three ahead."""
-        return self.cache_outcomes.labels(rpc, outcome.value, tier).inc
+    def read_counter(self, rpc: str, outcome: Outcome, tier: str) -> Count:
+        """One (rpc, outcome, tier) child, to add to in place: for a caller that knows all three ahead."""
+        return self.cache_outcomes.labels(rpc, outcome.value, tier)
 
     def invalidated(self, keys: int) -> None:
         """An Invalidate call deleted `keys` cached keys."""

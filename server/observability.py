@@ -79,6 +79,11 @@ class Observability:
         requests = self._metrics.rpc_requests
         ok = requests.labels(rpc, grpc.StatusCode.OK.name)
         numbers = CALL_NUMBERS
+        # A successful call's steps, in a hit's instructions (callgrind): a Python method call costs
+        # 700, `ok.inc()` twice what `ok.value += 1` does, and a search through the buckets 1.4k more
+        # than a comparison with the first bound, where nearly every hit lands.
+        fastest, first, observe = duration.bounds[0], duration.counts, duration.observe
+        debugging, debug, perf_counter = _LOGGER.isEnabledFor, logging.DEBUG, time.perf_counter
 
         def begin(context: _Context) -> float:
             callers = _callers_id(context) if callers_ids else None
@@ -93,9 +98,14 @@ class Observability:
             return time.perf_counter()
 
         def succeeded(context: _Context, started: float) -> None:
-            ok.inc()
-            duration.observe(time.perf_counter() - started)
-            if _LOGGER.isEnabledFor(logging.DEBUG):
+            seconds = perf_counter() - started
+            ok.value += 1
+            if seconds <= fastest:
+                first[0] += 1
+                duration.sum += seconds
+            else:
+                observe(seconds)
+            if debugging(debug):
                 if REQUEST_ID.get() is None:  # answered at once, before any id (guard.py)
                     REQUEST_ID.set(next(numbers))
                 _LOGGER.debug("rpc ok", extra={"rpc": rpc, "code": "OK", "ms": _ms_since(started)})

@@ -31,16 +31,17 @@ class Count:
 class Timings:
     """One labelled histogram: a count per bucket (upper bounds inclusive, then +Inf) and a sum."""
 
-    __slots__ = ("_bounds", "counts", "sum")
+    __slots__ = ("bounds", "counts", "sum")
 
     def __init__(self, bounds: Sequence[float]) -> None:
-        self._bounds = tuple(bounds)
-        self.counts = [0] * (len(self._bounds) + 1)
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
         self.sum = 0.0
 
     def observe(self, seconds: float) -> None:
-        """Count one duration."""
-        self.counts[bisect_left(self._bounds, seconds)] += 1
+        """Count one duration. (A caller on the hot path may count one at or under bounds[0] itself,
+        as `counts[0] += 1` and `sum += seconds`, without this call: observability.py.)"""
+        self.counts[bisect_left(self.bounds, seconds)] += 1
         self.sum += seconds
 
 

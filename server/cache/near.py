@@ -186,7 +186,12 @@ class Answers(Generic[_T]):
         held = self._held.get(request)
         if held is None:
             return None
-        if held[0] <= self._clock() or held[1] <= self.wall_clock():
+        # Read as attributes first, then called: `self._clock()` would look the name up on the class
+        # (a callable in the instance, not a method, so 3.11 cannot specialize it) in CPython's global
+        # type-attribute cache, where these two names took the same slot and evicted each other on
+        # every call: 3k instructions of a held answer's 358k (`make bench-instructions`).
+        clock, wall_clock = self._clock, self.wall_clock
+        if held[0] <= clock() or held[1] <= wall_clock():
             self._forget(request)
             return None
         self._stats.answered += 1
