@@ -101,7 +101,7 @@ async def _measure(redis_url: str, scratch: str, profile: bool) -> None:
         for _ in range(50):  # a miss fills; the near cache admits once the fill's events are heard
             context = _Context()
             await handle(raw, context)
-            if ("x-cache", "hit") in context.trailing_metadata():
+            if ("x-cache", b"hit") in context.trailing_metadata():
                 break
             await asyncio.sleep(0.05)
         else:
