@@ -102,6 +102,26 @@ def _start(names: set[str], specs: dict[str, Any], log_dir: Path) -> dict[str, R
     return started
 
 
+def _blocks(chosen: list[Scenario]) -> list[list[Scenario]]:
+    """chosen in its order, each pair of a paired ratio (report.PAIRS) made one block where the first of
+    the two stood; every other scenario a block of its own."""
+    by_name = {scenario.name: scenario for scenario in chosen}
+    partner = {}
+    for first, second in report.PAIRS:
+        if first in by_name and second in by_name:
+            partner[first], partner[second] = second, first
+    blocks, placed = [], set()
+    for scenario in chosen:
+        if scenario.name in placed:
+            continue
+        block = [scenario]
+        if scenario.name in partner:
+            block.append(by_name[partner[scenario.name]])
+        placed.update(member.name for member in block)
+        blocks.append(block)
+    return blocks
+
+
 async def _rounds(
     chosen: list[Scenario],
     servers: dict[str, RunningServer],
@@ -113,10 +133,17 @@ async def _rounds(
     stubs = {name: pb_grpc.CacheServiceStub(channel) for name, channel in channels.items()}
     shape = LoadShape(args.duration, args.connections, args.streams)
     runs: dict[str, list[dict[str, Any]]] = {}
+    blocks = _blocks(chosen)
     try:
         for round_number in range(args.rounds):
-            # Rotate the order too, so no scenario always follows the same neighbour.
-            order = chosen[round_number % len(chosen) :] + chosen[: round_number % len(chosen)]
+            # Rotate the order too, so no scenario always follows the same neighbour; a pair stays back to
+            # back, which of the two goes first alternating.
+            rotation = round_number % len(blocks)
+            order = [
+                scenario
+                for block in blocks[rotation:] + blocks[:rotation]
+                for scenario in (block[::-1] if round_number % 2 else block)
+            ]
             for scenario in order:
                 product = stubs.get(scenario.compare_to) if scenario.compare_to else None
                 target = Target(stubs[scenario.server], product, sequences)

@@ -11,12 +11,13 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from benchmarks import instructions, suite
+from benchmarks import instructions, report, suite
 from benchmarks.keyed_load import header_block, read_bodies, write_bodies
-from benchmarks.scenarios import OTHER_LOOP
+from benchmarks.scenarios import LOOP, OTHER_LOOP, scenarios
 from server.app import run
 
 TINY = f"hit,miss,zipf,batch100,redis-down,noop,hit-{OTHER_LOOP},hit-sync"
@@ -102,3 +103,27 @@ def test_the_event_loop_setting_picks_uvloop() -> None:
 
     assert run(loop_type(), "uvloop") is uvloop.Loop
     assert run(loop_type(), "asyncio") is not uvloop.Loop
+
+
+def test_a_paired_ratios_scenarios_run_back_to_back_first_one_then_the_other() -> None:
+    chosen = [scenario for scenario in scenarios() if scenario.name in ("hit", "miss", "noop", "zipf")]
+    blocks = suite._blocks(chosen)
+    assert [[scenario.name for scenario in block] for block in blocks] == [
+        ["hit", "noop"],
+        ["miss"],
+        ["zipf"],
+    ]
+
+
+def test_a_paired_ratio_is_the_median_of_each_rounds_own() -> None:
+    def row(*values: float) -> dict[str, Any]:
+        runs = [{"req_per_s": value} for value in values]
+        return {"req_per_s": {"median": sorted(values)[1]}, "runs": runs}
+
+    # Drift: the machine slows between rounds, and each round's pair slows alike.
+    summary = {"hit": row(1000.0, 600.0, 300.0), "noop": row(1040.0, 640.0, 310.0)}
+    found = {ratio["name"]: ratio for ratio in report.ratios(summary)}
+    ceiling = found[f"cache hit / no-op ceiling, grpc.aio {LOOP}"]
+    assert ceiling["value"] == round(1000 / 1040, 3), "the median of 0.96, 0.94 and 0.97, not 600/640"
+    assert ceiling["paired"] == {"min": round(600 / 640, 3), "max": round(300 / 310, 3)}
+    assert ceiling["met"] is True
