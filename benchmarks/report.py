@@ -60,7 +60,7 @@ RATIOS = (
         denominator_measure="req_per_s",
         goal=50.0,
     ),
-    Ratio("2 workers on 2 cores / 1 worker on 1 core", "hit-2w-2cpu", "hit", goal=1.8),
+    Ratio("2 workers on 2 cores / 1 worker on 1 core", "hit-2w-2cpu", "hit", goal=1.8, paired=True),
     Ratio("2 workers on 2 cores / 1 worker on 2 cores", "hit-2w-2cpu", "hit-1w-2cpu"),
     Ratio("2 workers on 1 core / 1 worker on 1 core", "hit-2w-1cpu", "hit"),
     Ratio(f"{LOOP} / {OTHER_LOOP}, hit", "hit", f"hit-{OTHER_LOOP}"),

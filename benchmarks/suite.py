@@ -103,22 +103,23 @@ def _start(names: set[str], specs: dict[str, Any], log_dir: Path) -> dict[str, R
 
 
 def _blocks(chosen: list[Scenario]) -> list[list[Scenario]]:
-    """chosen in its order, each pair of a paired ratio (report.PAIRS) made one block where the first of
-    the two stood; every other scenario a block of its own."""
-    by_name = {scenario.name: scenario for scenario in chosen}
-    partner = {}
+    """chosen in its order, cut into blocks run back to back: the scenarios of the paired ratios
+    (report.PAIRS) that share a scenario make one block (hit with noop and with hit-2w-2cpu), in
+    chosen's order, where the first of them stood; every other scenario is a block of its own."""
+    block_of: dict[str, list[str]] = {scenario.name: [scenario.name] for scenario in chosen}
     for first, second in report.PAIRS:
-        if first in by_name and second in by_name:
-            partner[first], partner[second] = second, first
+        if first in block_of and second in block_of and block_of[first] is not block_of[second]:
+            merged = block_of[first] + block_of[second]
+            for name in merged:
+                block_of[name] = merged
+    by_name = {scenario.name: scenario for scenario in chosen}
     blocks, placed = [], set()
     for scenario in chosen:
-        if scenario.name in placed:
-            continue
-        block = [scenario]
-        if scenario.name in partner:
-            block.append(by_name[partner[scenario.name]])
-        placed.update(member.name for member in block)
-        blocks.append(block)
+        if scenario.name not in placed:
+            members = set(block_of[scenario.name])
+            blocks.append([member for member in chosen if member.name in members])
+            placed |= members
+    assert sum(len(block) for block in blocks) == len(by_name)
     return blocks
 
 

@@ -105,13 +105,14 @@ def test_the_event_loop_setting_picks_uvloop() -> None:
     assert run(loop_type(), "asyncio") is not uvloop.Loop
 
 
-def test_a_paired_ratios_scenarios_run_back_to_back_first_one_then_the_other() -> None:
-    chosen = [scenario for scenario in scenarios() if scenario.name in ("hit", "miss", "noop", "zipf")]
-    blocks = suite._blocks(chosen)
+def test_the_scenarios_of_paired_ratios_run_back_to_back() -> None:
+    names = ("hit", "miss", "noop", "zipf", "hit-2w-2cpu", f"hit-{OTHER_LOOP}", f"noop-{OTHER_LOOP}")
+    blocks = suite._blocks([scenario for scenario in scenarios() if scenario.name in names])
     assert [[scenario.name for scenario in block] for block in blocks] == [
-        ["hit", "noop"],
+        ["hit", "noop", "hit-2w-2cpu"],  # two pairs that share hit: one block
         ["miss"],
         ["zipf"],
+        [f"hit-{OTHER_LOOP}", f"noop-{OTHER_LOOP}"],
     ]
 
 
