@@ -104,22 +104,34 @@ def _start(names: set[str], specs: dict[str, Any], log_dir: Path) -> dict[str, R
 
 def _blocks(chosen: list[Scenario]) -> list[list[Scenario]]:
     """chosen in its order, cut into blocks run back to back: the scenarios of the paired ratios
-    (report.PAIRS) that share a scenario make one block (hit with noop and with hit-2w-2cpu), in
-    chosen's order, where the first of them stood; every other scenario is a block of its own."""
-    block_of: dict[str, list[str]] = {scenario.name: [scenario.name] for scenario in chosen}
+    (report.PAIRS) that share a scenario make one block, chained so that each pair is adjacent (noop,
+    hit, hit-2w-2cpu), where the first of them stood in chosen; every other scenario is a block of its
+    own."""
+    rank = {scenario.name: index for index, scenario in enumerate(chosen)}
+    partners: dict[str, list[str]] = {name: [] for name in rank}
     for first, second in report.PAIRS:
-        if first in block_of and second in block_of and block_of[first] is not block_of[second]:
-            merged = block_of[first] + block_of[second]
-            for name in merged:
-                block_of[name] = merged
+        if first in rank and second in rank:
+            partners[first].append(second)
+            partners[second].append(first)
     by_name = {scenario.name: scenario for scenario in chosen}
     blocks, placed = [], set()
     for scenario in chosen:
-        if scenario.name not in placed:
-            members = set(block_of[scenario.name])
-            blocks.append([member for member in chosen if member.name in members])
-            placed |= members
-    assert sum(len(block) for block in blocks) == len(by_name)
+        if scenario.name in placed:
+            continue
+        component, frontier = {scenario.name}, [scenario.name]
+        while frontier:
+            for partner in partners[frontier.pop()]:
+                if partner not in component:
+                    component.add(partner)
+                    frontier.append(partner)
+        # A chain from one end (a scenario with a single partner), so every pair in it is adjacent.
+        ends = [name for name in component if len(partners[name]) <= 1]
+        walk = [min(ends or component, key=rank.__getitem__)]
+        while len(walk) < len(component):
+            ahead = sorted((n for n in partners[walk[-1]] if n not in walk), key=rank.__getitem__)
+            walk.append(ahead[0] if ahead else min(component - set(walk), key=rank.__getitem__))
+        blocks.append([by_name[name] for name in walk])
+        placed |= component
     return blocks
 
 
