@@ -34,8 +34,8 @@ class Ratio:
     denominator_measure: str = ""
     goal: float | None = None
     paired: bool = False
-    """Run back to back in every round (suite.py), and valued as the median of the rounds' own
-    ratios: the drift of a shared machine between one run and a scenario's next cancels within a pair."""
+    """Run back to back in every round, A B B A (suite.py), and valued as the median of the rounds' own
+    ratios: the drift of a shared machine between rounds, and within one the order, weigh on both."""
 
 
 RATIOS = (
@@ -88,6 +88,14 @@ PAIRS = tuple((ratio.numerator, ratio.denominator) for ratio in RATIOS if ratio.
 """The scenarios the suite runs back to back in every round, for the paired ratios."""
 
 
+def _by_round(runs: Sequence[dict[str, Any]], measure: str) -> dict[int, float]:
+    """The mean of measure over each round's runs of one scenario (two for a paired one: A B B A)."""
+    found: dict[int, list[float]] = {}
+    for index, run in enumerate(runs):
+        found.setdefault(run.get("round", index), []).append(run[measure])
+    return {round_number: sum(values) / len(values) for round_number, values in found.items()}
+
+
 def ratios(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Every ratio whose two scenarios were run: of their medians, or for a paired ratio the median of
     each round's own (its min-max too)."""
@@ -97,11 +105,11 @@ def ratios(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         row: dict[str, Any] = {"name": ratio.name}
         if ratio.paired:
-            tops = [run[ratio.measure] for run in summary[ratio.numerator]["runs"]]
-            bottoms = [
-                run[ratio.denominator_measure or ratio.measure] for run in summary[ratio.denominator]["runs"]
-            ]
-            rounds = [top / bottom if bottom else 0.0 for top, bottom in zip(tops, bottoms, strict=True)]
+            tops = _by_round(summary[ratio.numerator]["runs"], ratio.measure)
+            bottoms = _by_round(
+                summary[ratio.denominator]["runs"], ratio.denominator_measure or ratio.measure
+            )
+            rounds = [tops[r] / bottoms[r] if bottoms[r] else 0.0 for r in sorted(tops) if r in bottoms]
             paired = spread(rounds)
             value = paired["median"]
             row["paired"] = {"min": round(paired["min"], 3), "max": round(paired["max"], 3)}

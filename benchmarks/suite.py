@@ -135,6 +135,18 @@ def _blocks(chosen: list[Scenario]) -> list[list[Scenario]]:
     return blocks
 
 
+def _round_order(blocks: list[list[Scenario]], round_number: int) -> list[Scenario]:
+    """One round's runs: the blocks rotated by the round's number, so no scenario always follows the same
+    neighbour; a block of paired scenarios runs forwards and then backwards (A B B A), so within the
+    round each pair has one run of each order and the drift in between weighs on both alike."""
+    rotation = round_number % len(blocks)
+    return [
+        scenario
+        for block in blocks[rotation:] + blocks[:rotation]
+        for scenario in (block + block[::-1] if len(block) > 1 else block)
+    ]
+
+
 async def _rounds(
     chosen: list[Scenario],
     servers: dict[str, RunningServer],
@@ -149,18 +161,12 @@ async def _rounds(
     blocks = _blocks(chosen)
     try:
         for round_number in range(args.rounds):
-            # Rotate the order too, so no scenario always follows the same neighbour; a pair stays back to
-            # back, which of the two goes first alternating.
-            rotation = round_number % len(blocks)
-            order = [
-                scenario
-                for block in blocks[rotation:] + blocks[:rotation]
-                for scenario in (block[::-1] if round_number % 2 else block)
-            ]
+            order = _round_order(blocks, round_number)
             for scenario in order:
                 product = stubs.get(scenario.compare_to) if scenario.compare_to else None
                 target = Target(stubs[scenario.server], product, sequences)
                 run = await measure(scenario, servers[scenario.server], target, bodies, shape)
+                run["round"] = round_number
                 runs.setdefault(scenario.name, []).append(run)
                 print(
                     f"round {round_number + 1}/{args.rounds} {scenario.name:<16} "

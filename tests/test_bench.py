@@ -116,9 +116,23 @@ def test_the_scenarios_of_paired_ratios_run_back_to_back() -> None:
     ]
 
 
+def test_a_round_runs_each_block_of_pairs_forwards_then_backwards() -> None:
+    names = ("hit", "miss", "noop")
+    blocks = suite._blocks([scenario for scenario in scenarios() if scenario.name in names])
+    orders = [[scenario.name for scenario in suite._round_order(blocks, r)] for r in range(3)]
+    assert orders == [
+        ["hit", "noop", "noop", "hit", "miss"],
+        ["miss", "hit", "noop", "noop", "hit"],
+        ["hit", "noop", "noop", "hit", "miss"],
+    ]
+
+
 def test_a_paired_ratio_is_the_median_of_each_rounds_own() -> None:
     def row(*values: float) -> dict[str, Any]:
-        runs = [{"req_per_s": value} for value in values]
+        # Two runs a round, as A B B A runs them: each round's mean is the value given for it.
+        runs = [
+            {"req_per_s": value + delta, "round": r} for r, value in enumerate(values) for delta in (5, -5)
+        ]
         return {"req_per_s": {"median": sorted(values)[1]}, "runs": runs}
 
     # Drift: the machine slows between rounds, and each round's pair slows alike.
