@@ -55,13 +55,13 @@ class RunningServer:
 
     def __init__(self, spec: ServerSpec, log_dir: Path) -> None:
         self.spec = spec
-        self.port = free_port()
+        self.port = _unpromised_port()
         self.metrics_ports = _consecutive_free_ports(spec.workers) if spec.metrics else []
         listen = f"127.0.0.1:{self.port}"
         env = {**os.environ, **spec.env, "CACHEASIDE_LISTEN": listen}
         if self.metrics_ports:  # the product: with metrics, and health on a probe port as the image has it
             env["CACHEASIDE_METRICS_LISTEN"] = f"127.0.0.1:{self.metrics_ports[0]}"
-            env["CACHEASIDE_HEALTH_LISTEN"] = f"127.0.0.1:{free_port()}"
+            env["CACHEASIDE_HEALTH_LISTEN"] = f"127.0.0.1:{_unpromised_port()}"
         argv = [arg.replace("{listen}", listen) for arg in spec.argv]
         self.log = log_dir / f"{spec.name}.log"
         with self.log.open("wb") as log:
@@ -137,12 +137,28 @@ def _accepts(port: int) -> bool:
         return False
 
 
+# Every port handed to a server of this process: servers start together and bind later, so a port the
+# OS calls free may already be promised to another (a worker's metrics port is the first one plus its
+# index, which the OS knows nothing of).
+_PROMISED: set[int] = set()
+
+
+def _unpromised_port() -> int:
+    for _ in range(50):
+        port = free_port()
+        if port not in _PROMISED:
+            _PROMISED.add(port)
+            return port
+    raise RuntimeError("no free port that is not promised to another server")
+
+
 def _consecutive_free_ports(count: int) -> list[int]:
     # Workers serve metrics on the configured port plus their index.
     for _ in range(50):
         first = free_port()
         ports = list(range(first, first + count))
-        if all(not _accepts(port) for port in ports[1:]):
+        if not _PROMISED.intersection(ports) and all(not _accepts(port) for port in ports[1:]):
+            _PROMISED.update(ports)
             return ports
     raise RuntimeError(f"no {count} consecutive free ports")
 
