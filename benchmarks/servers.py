@@ -55,6 +55,11 @@ class RunningServer:
 
     def __init__(self, spec: ServerSpec, log_dir: Path) -> None:
         self.spec = spec
+        self.log = log_dir / f"{spec.name}.log"
+        self._launch()
+
+    def _launch(self) -> None:
+        spec = self.spec
         self.port = _unpromised_port()
         self.metrics_ports = _consecutive_free_ports(spec.workers) if spec.metrics else []
         listen = f"127.0.0.1:{self.port}"
@@ -63,7 +68,6 @@ class RunningServer:
             env["CACHEASIDE_METRICS_LISTEN"] = f"127.0.0.1:{self.metrics_ports[0]}"
             env["CACHEASIDE_HEALTH_LISTEN"] = f"127.0.0.1:{_unpromised_port()}"
         argv = [arg.replace("{listen}", listen) for arg in spec.argv]
-        self.log = log_dir / f"{spec.name}.log"
         with self.log.open("wb") as log:
             self._process = subprocess.Popen(
                 ["taskset", "-c", spec.cpus, *argv],
@@ -79,20 +83,28 @@ class RunningServer:
         return f"127.0.0.1:{self.port}"
 
     def wait_listening(self) -> None:
-        """Return once the gRPC port (and each metrics port) accepts connections."""
-        deadline = time.monotonic() + self.spec.start_timeout_s
-        ports = [self.port, *self.metrics_ports]
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                tail = self.log.read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"{self.spec.name} exited with {self._process.returncode}:\n{tail}")
-            if all(_accepts(port) for port in ports):
-                return
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(
-            f"{self.spec.name} did not listen within {self.spec.start_timeout_s:.0f}s: see {self.log}"
-        )
+        """Return once the gRPC port (and each metrics port) accepts connections. A server whose port
+        was taken before it could bind it (a port found free is in the range every process's outgoing
+        connections draw from) is started again on other ports, twice at most."""
+        for attempt in range(3):
+            deadline = time.monotonic() + self.spec.start_timeout_s
+            ports = [self.port, *self.metrics_ports]
+            while time.monotonic() < deadline:
+                if self._process.poll() is not None:
+                    tail = self.log.read_text(errors="replace")[-2000:]
+                    if "already in use" in tail and attempt < 2:
+                        print(f"{self.spec.name}: a port was taken before it bound it; starting it again")
+                        self._launch()
+                        break
+                    raise RuntimeError(f"{self.spec.name} exited with {self._process.returncode}:\n{tail}")
+                if all(_accepts(port) for port in ports):
+                    return
+                time.sleep(0.1)
+            else:
+                self.stop()
+                raise RuntimeError(
+                    f"{self.spec.name} did not listen within {self.spec.start_timeout_s:.0f}s: see {self.log}"
+                )
 
     def cpu_seconds(self) -> float:
         """User plus system CPU time of the server and all its descendants so far."""

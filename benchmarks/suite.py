@@ -93,20 +93,8 @@ async def _seed(settings: Settings, count: int) -> None:
 def _start(names: set[str], specs: dict[str, Any], log_dir: Path) -> dict[str, RunningServer]:
     started = {name: RunningServer(specs[name], log_dir) for name in sorted(names)}
     try:
-        for name in sorted(started):
-            for attempt in range(3):
-                try:
-                    started[name].wait_listening()
-                    break
-                except RuntimeError as exc:
-                    # A port found free may be taken before the server binds it, by any process's
-                    # outgoing connection (the same ephemeral range): start it again on another.
-                    if "already in use" not in str(exc) or attempt == 2:
-                        raise
-                    print(
-                        f"{name}: its port was taken before it could bind it; starting it again", flush=True
-                    )
-                    started[name] = RunningServer(specs[name], log_dir)
+        for server in started.values():
+            server.wait_listening()
     except Exception:
         for server in started.values():
             server.stop()

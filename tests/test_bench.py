@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from benchmarks import instructions, report, suite
+from benchmarks import instructions, report, servers, suite
 from benchmarks.keyed_load import header_block, read_bodies, write_bodies
 from benchmarks.scenarios import LOOP, OTHER_LOOP, scenarios
 from server.app import run
@@ -142,3 +143,22 @@ def test_a_paired_ratio_is_the_median_of_each_rounds_own() -> None:
     assert ceiling["value"] == round(1000 / 1040, 3), "the median of 0.96, 0.94 and 0.97, not 600/640"
     assert ceiling["paired"] == {"min": round(600 / 640, 3), "max": round(300 / 310, 3)}
     assert ceiling["met"] is True
+
+
+def test_a_server_whose_port_was_taken_before_it_bound_it_starts_again_on_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))  # bound, not listening: as an outgoing connection holds a port
+        taken_port = taken.getsockname()[1]
+        handed = iter([taken_port])
+        unpromised = servers._unpromised_port
+        monkeypatch.setattr(servers, "_unpromised_port", lambda: next(handed, None) or unpromised())
+        server = servers.RunningServer(
+            servers.module("noop", "benchmarks.aio_server", "--mode", "noop", cpus="0"), tmp_path
+        )
+        try:
+            server.wait_listening()
+            assert server.port != taken_port, "started again on another port"
+        finally:
+            server.stop()
