@@ -91,8 +91,8 @@ PAIRS = tuple((ratio.numerator, ratio.denominator) for ratio in RATIOS if ratio.
 def _by_round(runs: Sequence[dict[str, Any]], measure: str) -> dict[int, float]:
     """The mean of measure over each round's runs of one scenario (two for a paired one: A B B A)."""
     found: dict[int, list[float]] = {}
-    for index, run in enumerate(runs):
-        found.setdefault(run.get("round", index), []).append(run[measure])
+    for run in runs:
+        found.setdefault(run["round"], []).append(run[measure])
     return {round_number: sum(values) / len(values) for round_number, values in found.items()}
 
 

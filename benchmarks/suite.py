@@ -103,35 +103,26 @@ def _start(names: set[str], specs: dict[str, Any], log_dir: Path) -> dict[str, R
 
 
 def _blocks(chosen: list[Scenario]) -> list[list[Scenario]]:
-    """chosen in its order, cut into blocks run back to back: the scenarios of the paired ratios
-    (report.PAIRS) that share a scenario make one block, chained so that each pair is adjacent (noop,
-    hit, hit-2w-2cpu), where the first of them stood in chosen; every other scenario is a block of its
-    own."""
-    rank = {scenario.name: index for index, scenario in enumerate(chosen)}
-    partners: dict[str, list[str]] = {name: [] for name in rank}
+    """chosen in its order, cut into blocks run back to back: a scenario of a paired ratio (report.PAIRS)
+    grows a chain of its partners at either end, so every pair in it is adjacent (hit-2w-2cpu, hit,
+    noop); every other scenario is a block of its own."""
+    by_name = {scenario.name: scenario for scenario in chosen}
+    partners: dict[str, list[str]] = {name: [] for name in by_name}
     for first, second in report.PAIRS:
-        if first in rank and second in rank:
+        if first in by_name and second in by_name:
             partners[first].append(second)
             partners[second].append(first)
-    by_name = {scenario.name: scenario for scenario in chosen}
     blocks, placed = [], set()
     for scenario in chosen:
         if scenario.name in placed:
             continue
-        component, frontier = {scenario.name}, [scenario.name]
-        while frontier:
-            for partner in partners[frontier.pop()]:
-                if partner not in component:
-                    component.add(partner)
-                    frontier.append(partner)
-        # A chain from one end (a scenario with a single partner), so every pair in it is adjacent.
-        ends = [name for name in component if len(partners[name]) <= 1]
-        walk = [min(ends or component, key=rank.__getitem__)]
-        while len(walk) < len(component):
-            ahead = sorted((n for n in partners[walk[-1]] if n not in walk), key=rank.__getitem__)
-            walk.append(ahead[0] if ahead else min(component - set(walk), key=rank.__getitem__))
-        blocks.append([by_name[name] for name in walk])
-        placed |= component
+        chain = [scenario.name]
+        placed.add(scenario.name)
+        for end in (-1, 0):  # grow to the right, then to the left
+            while grown := [name for name in partners[chain[end]] if name not in placed]:
+                chain.insert(len(chain) if end == -1 else 0, grown[0])
+                placed.add(grown[0])
+        blocks.append([by_name[name] for name in chain])
     return blocks
 
 
