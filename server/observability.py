@@ -95,7 +95,7 @@ class Observability:
             else:
                 REQUEST_ID.set(callers)
                 context.set_trailing_metadata(((REQUEST_ID_HEADER, callers),))
-            return time.perf_counter()
+            return perf_counter()
 
         def succeeded(context: _Context, started: float) -> None:
             seconds = perf_counter() - started
@@ -119,7 +119,7 @@ class Observability:
                 aborted = context.code() if isinstance(exc, grpc.aio.AbortError) else None
                 code = aborted or grpc.StatusCode.UNKNOWN
             requests.labels(rpc, code.name).inc()
-            duration.observe(time.perf_counter() - started)
+            observe(perf_counter() - started)
             _return_made_id(context)
             if code in _SERVER_SIDE:
                 _LOGGER.warning(

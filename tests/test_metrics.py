@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import re
+import time
 import urllib.request
 from pathlib import Path
 
@@ -18,6 +19,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from client.proto.cacheaside.v1 import cache_service_pb2 as pb
 from server.config import Settings
 from server.logs import JsonFormatter
+from server.metrics import Metrics
+from server.observability import Observability
+from server.tally import Timings
 from tests.conftest import Running, start_service, stop_service
 from tests.data import add_post, add_user
 from tests.helpers import call, error_of
@@ -220,3 +224,20 @@ def test_tallies_expose_what_prometheus_client_would() -> None:
 
     assert exposition(ours) == exposition(theirs)
     assert counts.labels("GetPost", "OK").value == 2
+
+
+def test_a_successful_calls_duration_lands_in_the_bucket_the_histogram_would_pick() -> None:
+    # succeeded() counts a duration at or under the first bound itself (the hit's usual case) and
+    # leaves the others to Timings.observe: both must give the histogram one would get from observe.
+    metrics = Metrics()
+    _, succeeded, _ = Observability(metrics).observer("GetPost")
+    timings = metrics.rpc_duration.labels("GetPost")
+    expected = Timings(timings.bounds)
+    ago_s = (0.0, 0.003, 0.3, 10.0)  # far from every bound: the clock's own steps cannot move a bucket
+    for ago in ago_s:
+        succeeded(None, time.perf_counter() - ago)  # type: ignore[arg-type]  # no context under INFO
+        expected.observe(ago)
+    assert timings.counts == expected.counts
+    assert (timings.counts[0], timings.counts[-1]) == (1, 1), "one in the first bucket, one past the last"
+    assert sum(ago_s) <= timings.sum < sum(ago_s) + 0.1
+    assert metrics.rpc_requests.labels("GetPost", "OK").value == len(ago_s)

@@ -269,11 +269,16 @@ async def test_a_held_answer_given_at_once_is_counted_timed_and_under_debug_logg
     metrics = reader.app.metrics
     ok = metrics.rpc_requests.labels("GetPost", "OK")
     timed = metrics.rpc_duration.labels("GetPost")
-    count, observed, answered = ok.value, sum(timed.counts), near.stats.answered
+    count, observed, seconds, answered = ok.value, sum(timed.counts), timed.sum, near.stats.answered
+    hits = {tier: metrics.cache_outcomes.labels("GetPost", "hit", tier) for tier in ("hot", "warm", "cold")}
+    hit_counts = {tier: count.value for tier, count in hits.items()}
     _, meta = await call(reader.stub.GetPost, pb.GetPostRequest(post_id="p1"))
     assert near.stats.answered == answered + 1, "answered at once"
     assert (ok.value, sum(timed.counts)) == (count + 1, observed + 1)
+    assert timed.sum > seconds, "its duration is added to the histogram's sum"
     assert meta["x-cache"] == "hit"
+    rose = {tier: count.value - hit_counts[tier] for tier, count in hits.items()}
+    assert rose == {tier: int(tier == meta["x-cache-tier"]) for tier in hits}, "a hit of its tier, once"
     assert "x-request-id" not in meta
 
     caplog.set_level(logging.DEBUG, logger="server.observability")
