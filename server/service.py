@@ -157,19 +157,6 @@ class CacheService:
         count_hit = self._observer.read_counter if self._observer is not None else None
         held_details: dict[str, tuple[Tally | None, Metadata]] = {}  # by tier, made once
 
-        def answer_now(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes | None:
-            held = answers.get(raw) if answers is not None else None
-            if held is None:
-                return None
-            _, _, response, (lookups, hits, cache_metadata) = held
-            if hits is not None:
-                hits.value += 1
-            if note is not None:
-                note(lookups)
-            # Tuple concatenation returns cache_metadata itself when nothing is there yet (no caller's id).
-            context.set_trailing_metadata(context.trailing_metadata() + cache_metadata)
-            return response
-
         async def handle(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
             # Held answers are asked for by the guard, which is how every call reaches this.
             try:
@@ -207,7 +194,23 @@ class CacheService:
             except _UNAVAILABLE_ERRORS as exc:
                 await _abort(context, exc)
 
-        return answering_now(handle, answer_now) if answers is not None else handle
+        if answers is None:
+            return handle
+
+        def answer_now(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes | None:
+            held = answers.get(raw)
+            if held is None:
+                return None
+            _, _, response, (lookups, hits, cache_metadata) = held
+            if hits is not None:
+                hits.value += 1
+            if note is not None:
+                note(lookups)
+            # Tuple concatenation returns cache_metadata itself when nothing is there yet (no caller's id).
+            context.set_trailing_metadata(context.trailing_metadata() + cache_metadata)
+            return response
+
+        return answering_now(handle, answer_now)
 
     # Plans -----------------------------------------------------------------------------------
 
