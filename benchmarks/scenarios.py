@@ -130,7 +130,8 @@ def scenarios() -> list[Scenario]:
         Scenario("noop-sync", "noop-sync", "no-op handler (ceiling)", body=_HIT, prepare="noop"),
         Scenario("hit-2w-1cpu", "aio-2w-1cpu", "GetPost, warmed key", body=_HIT),
         Scenario("hit-1w-2cpu", "aio-1w-2cpu", "GetPost, warmed key", body=_HIT),
-        Scenario("hit-2w-2cpu", "aio-2w-2cpu", "GetPost, warmed key", body=_HIT),
+        Scenario("hit-2w-2cpu", "aio-2w-2cpu", "GetPost, warmed key, workers float", body=_HIT),
+        Scenario("hit-2w-2cpu-pin", "aio-2w-2cpu-pin", "GetPost, warmed key, a core each", body=_HIT),
     ]
 
 
@@ -176,6 +177,7 @@ def server_specs(env: Mapping[str, str], run_id: str, down_redis_url: str) -> di
         aio("aio-2w-1cpu", workers=2),
         aio("aio-1w-2cpu", cpus="0,1"),
         aio("aio-2w-2cpu", cpus="0,1", workers=2),
+        aio("aio-2w-2cpu-pin", cpus="0,1", workers=2, CACHEASIDE_PIN_WORKERS="true"),
     ]
     return {spec.name: spec for spec in specs}
 

@@ -80,6 +80,9 @@ class Settings(BaseSettings):
     health_listen: str = ""
     log_format: Literal["json", "text"] = "json"
     workers: int = Field(default=1, ge=1, le=64)
+    # Off by default: in a container limited by CPU quota rather than a cpuset, every replica sees
+    # the whole host's CPUs and pinning would stack them all on the same few.
+    pin_workers: bool = False
     event_loop: Literal["asyncio", "uvloop"] = "uvloop"
     admin_token: SecretStr = SecretStr("")
     read_token: SecretStr = SecretStr("")

@@ -14,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import signal
 import socket
 import sys
+from collections.abc import Iterable
 
 from server.config import Settings
 from server.embedded_redis import EmbeddedRedis
@@ -46,8 +48,31 @@ def run_workers(settings: Settings, count: int, *, demo: bool = False) -> int:
         return asyncio.run(_supervise(settings, count, env))
 
 
+def worker_cpus(allowed: Iterable[int], count: int) -> list[int]:
+    """The one CPU each of `count` pinned workers runs on: the allowed CPUs in order, round-robin."""
+    cpus = sorted(allowed)
+    return [cpus[index % len(cpus)] for index in range(count)]
+
+
+def _pinned_cpus(settings: Settings, count: int) -> list[int | None]:
+    if not settings.pin_workers:
+        return [None] * count
+    if not hasattr(os, "sched_setaffinity"):
+        _LOGGER.warning("CACHEASIDE_PIN_WORKERS is set but this platform cannot pin: workers float")
+        return [None] * count
+    allowed = os.sched_getaffinity(0)
+    if count > len(allowed):
+        _LOGGER.warning(
+            "%d workers pinned to %d CPUs: some share a core; run as many workers as CPUs",
+            count,
+            len(allowed),
+        )
+    return list(worker_cpus(allowed, count))
+
+
 async def _supervise(settings: Settings, count: int, env: dict[str, str]) -> int:
     children = []
+    cpus = _pinned_cpus(settings, count)
     for index in range(count):
         child_env = {**env, _WORKER_INDEX_ENV: str(index)}
         if settings.metrics_listen:
@@ -56,11 +81,18 @@ async def _supervise(settings: Settings, count: int, env: dict[str, str]) -> int
             child_env["CACHEASIDE_METRICS_LISTEN"] = f"{metrics_host}:{offset}"
         children.append(
             await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "server.workers", env=child_env, preexec_fn=_die_with_parent
+                sys.executable,
+                "-m",
+                "server.workers",
+                env=child_env,
+                preexec_fn=functools.partial(_prepare_worker, cpus[index]),
             )
         )
     _LOGGER.info(
-        "started %d workers on %s", count, env["CACHEASIDE_LISTEN"], extra={"pids": [c.pid for c in children]}
+        "started %d workers on %s",
+        count,
+        env["CACHEASIDE_LISTEN"],
+        extra={"pids": [c.pid for c in children], "cpus": cpus},
     )
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -107,7 +139,12 @@ def _free_port(host: str) -> int:
         return int(probe.getsockname()[1])
 
 
-def _die_with_parent() -> None:
+def _prepare_worker(cpu: int | None) -> None:
+    # Runs in the child before the interpreter starts, so every thread it will have inherits the CPU.
+    # Pinned, grpc's poller thread and the event loop wake each other on one core: on a virtual machine
+    # a wake-up sent to another core is an interrupt through the hypervisor.
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
     # Linux: a parent killed outright (SIGKILL, OOM) cannot forward SIGTERM; the kernel sends it instead,
     # so no worker lives on holding the port. Elsewhere this is a no-op.
     if sys.platform == "linux":

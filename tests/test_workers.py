@@ -17,6 +17,7 @@ from client.proto.cacheaside.v1 import cache_service_pb2_grpc as pb_grpc
 from server.app import create_app
 from server.config import Settings
 from server.embedded_redis import free_port
+from server.workers import worker_cpus
 from tests.conftest import Running
 from tests.data import add_post, add_user
 from tests.processes import log_lines_until, server_env, spawn
@@ -77,6 +78,49 @@ async def test_both_worker_processes_serve_calls_and_sigterm_stops_them_all(
         for pid in workers:
             with pytest.raises(ProcessLookupError):
                 os.kill(pid, 0)
+    finally:
+        if parent.returncode is None:
+            parent.kill()
+            await parent.wait()
+
+
+def test_pinned_workers_take_the_allowed_cpus_in_turn() -> None:
+    assert worker_cpus({3, 1}, 2) == [1, 3]
+    assert worker_cpus([0, 1], 3) == [0, 1, 0]  # more workers than CPUs: they share, in turn
+    assert worker_cpus([2], 1) == [2]
+
+
+def _thread_cpus(pid: int) -> list[set[int]]:
+    """The CPUs each thread of a process may run on (grpc's poller thread included)."""
+    return [os.sched_getaffinity(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")]
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="CPU affinity is Linux's")
+@pytest.mark.parametrize("pinned", [True, False], ids=["pinned", "floating"])
+@pytest.mark.parametrize("database", ["sqlite"], indirect=True)
+async def test_pinned_workers_run_every_thread_on_a_cpu_of_their_own(
+    settings: Settings, db_engine: AsyncEngine, pinned: bool
+) -> None:
+    env = server_env(
+        settings, CACHEASIDE_LISTEN=f"127.0.0.1:{free_port()}", CACHEASIDE_PIN_WORKERS=str(pinned).lower()
+    )
+    allowed = os.sched_getaffinity(0)  # the service's own, inherited from this process
+    parent = await spawn("serve", "--workers", str(WORKERS), env=env)
+    try:
+        started = await log_lines_until(parent, "cacheaside serving", count=WORKERS)
+        threads = {int(line["pid"]): _thread_cpus(int(line["pid"])) for line in started}
+        assert all(len(cpus) > 1 for cpus in threads.values()), "grpc's poller runs beside the loop"
+        if pinned:
+            for cpus in threads.values():
+                assert len(cpus[0]) == 1, f"a worker on {cpus[0]}, not one CPU"
+                assert all(thread == cpus[0] for thread in cpus), "a thread escaped its worker's CPU"
+            worker_on = sorted(cpu for cpus in threads.values() for cpu in cpus[0])
+            assert worker_on == sorted(worker_cpus(allowed, WORKERS))
+        else:
+            assert all(thread == allowed for cpus in threads.values() for thread in cpus)
+        parent.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(30):
+            assert await parent.wait() == 0
     finally:
         if parent.returncode is None:
             parent.kill()
