@@ -46,13 +46,19 @@ async def _readers(stub: Any, keys: list[str], rate_per_s: float, stop: asyncio.
 
     interval = 1 / rate_per_s
     next_at = time.perf_counter()
-    while not stop.is_set():
-        task = asyncio.create_task(read(rng.choice(keys)))
-        in_flight.add(task)
-        task.add_done_callback(in_flight.discard)
-        next_at += interval
-        await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
-    await asyncio.gather(*in_flight)
+    try:
+        while not stop.is_set():
+            task = asyncio.create_task(read(rng.choice(keys)))
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
+            next_at += interval
+            await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+        await asyncio.gather(*in_flight)
+    finally:  # stopped by a failure: no read is left to fail on a closed channel, unheard
+        left = list(in_flight)
+        for task in left:
+            task.cancel()
+        await asyncio.gather(*left, return_exceptions=True)
     return latencies
 
 
@@ -62,11 +68,16 @@ async def _phase(
     stop = asyncio.Event()
     readers = asyncio.create_task(_readers(stub, keys, concurrency, stop))
     started = time.perf_counter()
-    if warm:
-        response = await stub.Warm(pb.WarmRequest(popular_posts=warm, active_users=1), timeout=600)
-        assert response.posts_warmed > 0.9 * warm, response
-    else:
-        await asyncio.sleep(quiet_s)
+    try:
+        if warm:
+            response = await stub.Warm(pb.WarmRequest(popular_posts=warm, active_users=1), timeout=600)
+            assert response.posts_warmed > 0.9 * warm, response
+        else:
+            await asyncio.sleep(quiet_s)
+    except BaseException:
+        readers.cancel()
+        await asyncio.gather(readers, return_exceptions=True)
+        raise
     stop.set()
     latencies = await readers
     return {

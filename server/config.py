@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     warm_rate_per_s: float = Field(default=2000, gt=0)
     # Warm in a child process at idle CPU priority, so warming only ever uses CPU live calls leave.
     warm_worker: bool = True
+    # The warm worker's Redis timeout. At idle priority it reads Redis's replies only when a core is
+    # free, so on a busy server the live path's timeout would fail warms when they matter most.
+    warm_redis_timeout_ms: int = Field(default=5000, gt=0)
     shutdown_grace_s: float = Field(default=5.0, ge=0)
     log_level: str = "INFO"
     # Platform: health, metrics, logs, workers, auth and TLS (the README's table documents each).

@@ -46,6 +46,10 @@ async def _serve(settings_values: dict[str, Any], redis_url: str, conn: Connecti
     from server.warming import Warmer
 
     settings = Settings(**settings_values)
+    # Waiting here costs no live call anything; the live timeout would count this process's own
+    # starvation at idle priority as Redis failing.
+    patient = max(settings.redis_timeout_ms, settings.warm_redis_timeout_ms)
+    settings = settings.model_copy(update={"redis_timeout_ms": patient})
     cache = build_cache(settings, redis_url, events=False)
     # Each load crosses the pipe, so the server's metrics count the database work done on its behalf.
     catalog = with_load_reports(cache.catalog, lambda *load: send(("load", *load)))

@@ -10,6 +10,7 @@ import os
 import signal
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import grpc
 import pytest
@@ -26,6 +27,7 @@ from server.warming import Warmer
 from tests.conftest import Running, start_service, stop_service
 from tests.data import add_post, add_user
 from tests.helpers import call, posts_lock_waiters, posts_locked, until_async
+from tests.tcp_proxy import TcpProxy
 
 
 async def _posts(engine: AsyncEngine, count: int) -> None:
@@ -59,6 +61,40 @@ async def test_warm_runs_in_a_child_at_idle_priority(settings: Settings, db_engi
     assert (response.posts_warmed, response.users_warmed) == (12, 1)
     assert hit.post.id == "p07"
     assert metadata["x-cache"] == "hit"
+
+
+@pytest.mark.parametrize(
+    ("warm_redis_timeout_ms", "warms"), [(5000, True), (50, False)], ids=["own-timeout", "live-timeout"]
+)
+async def test_a_warm_outlasts_redis_replies_slower_than_the_live_timeout(
+    settings: Settings, db_engine: AsyncEngine, warm_redis_timeout_ms: int, warms: bool
+) -> None:
+    await _posts(db_engine, 12)
+    upstream = urlsplit(settings.redis_url)
+    proxy = await TcpProxy(upstream.hostname or "127.0.0.1", upstream.port or 6379).start()
+    proxied = upstream._replace(netloc=f"127.0.0.1:{proxy.port}").geturl()
+    running = await start_service(
+        settings,
+        redis_url=proxied,
+        redis_timeout_ms=50,
+        warm_redis_timeout_ms=warm_redis_timeout_ms,
+        warm_batch=5,
+    )
+    try:
+        # Every reply 200 ms late, as a child at idle priority on a busy server reads them.
+        proxy.latency_s = 0.1
+        request = pb.WarmRequest(popular_posts=12, active_users=1)
+        if warms:
+            response, _ = await call(running.stub.Warm, request)
+            assert (response.posts_warmed, response.users_warmed) == (12, 1)
+        else:  # the setting is what lets it wait
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await running.stub.Warm(request)
+            assert failed.value.code() is grpc.StatusCode.UNAVAILABLE
+            assert "redis is unreachable" in str(failed.value.details())
+    finally:
+        await stop_service(running)
+        await proxy.close()
 
 
 async def test_the_worker_stops_with_the_server(settings: Settings, db_engine: AsyncEngine) -> None:
