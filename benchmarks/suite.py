@@ -6,7 +6,7 @@ so drift on this shared machine spreads over all of them; the load generator run
 the machine, the table (medians, min-max) and the ratios; writes suite.json and suite.png to
 benchmarks/results/. Then the scenarios with tables of their own run (OTHERS), each as before.
 
-    python -m benchmarks.suite [--duration 5] [--rounds 3] [--scenarios hit,miss]
+    python -m benchmarks.suite [--duration 5] [--rounds 5] [--scenarios hit,miss]
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ OTHERS = (
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds of load per run")
-    parser.add_argument("--rounds", type=int, default=3, help="runs of each scenario, interleaved")
+    parser.add_argument("--rounds", type=int, default=5, help="runs of each scenario, interleaved")
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--streams", type=int, default=4, help="calls in flight per connection")
     parser.add_argument("--posts", type=int, default=100_000, help="posts seeded (the Zipf key space)")
