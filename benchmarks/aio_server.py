@@ -9,8 +9,8 @@ near`: GetPost answers from a dictionary filled from Redis on a post's first cal
 near-cache hit can do (parse, look up, frame). Prints its port on stdout, then serves until SIGTERM.
 
 Each runs with the product's own process tuning (its cyclic collector's settings, applied once it
-serves), so a ceiling is what grpc.aio allows the product's process, not a handicapped one: under
-Python's default collector the no-op did about 10% fewer calls here.
+serves), so a ceiling is what grpc.aio allows the product's process, not one handicapped by Python's
+default collector.
 
     python -m benchmarks.aio_server --loop uvloop --mode noop
 """
@@ -28,9 +28,10 @@ import redis.asyncio as aioredis
 
 from client.proto.cacheaside.v1 import cache_service_pb2 as pb
 from server import wire
-from server.app import freeze_startup_heap, run
+from server.app import run
 from server.cache import envelope
 from server.cache.layout import KeyLayout
+from server.collector import freeze_startup_heap
 from server.domain.keys import POST, key_prefix
 
 SERVICE = "cacheaside.v1.CacheService"
@@ -107,8 +108,7 @@ async def _serve(args: argparse.Namespace) -> None:
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, _handlers(args)),))
     port = server.add_insecure_port(args.listen)
     await server.start()
-    if args.collector == "product":
-        freeze_startup_heap()
+    freeze_startup_heap()
     print(port, flush=True)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -124,12 +124,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listen", default="127.0.0.1:0")
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     parser.add_argument("--mode", choices=("noop", "redis", "near"), default="noop")
-    parser.add_argument(
-        "--collector",
-        choices=("product", "default"),
-        default="product",
-        help="product: the service's own collector settings (server.app.freeze_startup_heap)",
-    )
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--key-prefix", default="cacheaside", help="the product's CACHEASIDE_KEY_PREFIX")
     args = parser.parse_args(argv)

@@ -68,7 +68,7 @@ RATIOS = (
         paired=True,
     ),
     Ratio("2 workers floating on 2 cores / 1 worker on 1 core", "hit-2w-2cpu", "hit"),
-    Ratio("2 workers pinned / floating, on 2 cores", "hit-2w-2cpu-pin", "hit-2w-2cpu"),
+    Ratio("2 workers pinned / floating, on 2 cores", "hit-2w-2cpu-pin", "hit-2w-2cpu", paired=True),
     Ratio("2 workers pinned on 2 cores / 1 worker on 2 cores", "hit-2w-2cpu-pin", "hit-1w-2cpu"),
     Ratio("2 workers on 1 core / 1 worker on 1 core", "hit-2w-1cpu", "hit"),
     Ratio(f"{LOOP} / {OTHER_LOOP}, hit", "hit", f"hit-{OTHER_LOOP}"),

@@ -104,8 +104,8 @@ def _start(names: set[str], specs: dict[str, Any], log_dir: Path) -> dict[str, R
 
 def _blocks(chosen: list[Scenario]) -> list[list[Scenario]]:
     """chosen in its order, cut into blocks run back to back: a scenario of a paired ratio (report.PAIRS)
-    grows a chain of its partners at either end, so every pair in it is adjacent (hit-2w-2cpu-pin, hit,
-    noop); every other scenario is a block of its own."""
+    grows a chain of its partners at either end, so every pair in it is adjacent (hit-2w-2cpu,
+    hit-2w-2cpu-pin, hit, noop); every other scenario is a block of its own."""
     by_name = {scenario.name: scenario for scenario in chosen}
     partners: dict[str, list[str]] = {name: [] for name in by_name}
     for first, second in report.PAIRS:

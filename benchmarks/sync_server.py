@@ -25,9 +25,9 @@ import redis
 from benchmarks.aio_server import RESPONSE, SERVICE
 from client.proto.cacheaside.v1 import cache_service_pb2 as pb
 from server import wire
-from server.app import freeze_startup_heap
 from server.cache import envelope
 from server.cache.layout import KeyLayout
+from server.collector import freeze_startup_heap
 from server.domain.keys import POST, key_prefix
 
 

@@ -38,6 +38,12 @@ async def _readers(stub: Any, keys: list[str], rate_per_s: float, stop: asyncio.
     latencies: list[float] = []
     rng = random.Random(7)
     in_flight: set[asyncio.Task[None]] = set()
+    failures: list[BaseException] = []
+
+    def done(task: asyncio.Task[None]) -> None:
+        in_flight.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            failures.append(task.exception())  # type: ignore[arg-type]  # not None: checked
 
     async def read(key: str) -> None:
         started = time.perf_counter()
@@ -50,10 +56,14 @@ async def _readers(stub: Any, keys: list[str], rate_per_s: float, stop: asyncio.
         while not stop.is_set():
             task = asyncio.create_task(read(rng.choice(keys)))
             in_flight.add(task)
-            task.add_done_callback(in_flight.discard)
+            task.add_done_callback(done)
             next_at += interval
             await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+            if failures:
+                raise failures[0]  # a failed read is a failed run, not a read left out of the p99
         await asyncio.gather(*in_flight)
+        if failures:
+            raise failures[0]
     finally:  # stopped by a failure: no read is left to fail on a closed channel, unheard
         left = list(in_flight)
         for task in left:

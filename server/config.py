@@ -72,8 +72,10 @@ class Settings(BaseSettings):
     # Warm in a child process at idle CPU priority, so warming only ever uses CPU live calls leave.
     warm_worker: bool = True
     # The warm worker's Redis timeout. At idle priority it reads Redis's replies only when a core is
-    # free, so on a busy server the live path's timeout would fail warms when they matter most.
-    warm_redis_timeout_ms: int = Field(default=5000, gt=0)
+    # free, so on a busy server the live path's timeout would fail warms when they matter most. Below
+    # the default lease TTL, so a fill delayed this long still holds its lease, and below the worker's
+    # stop timeout (warm_worker.py), so a release on a hung Redis never outlasts a stop.
+    warm_redis_timeout_ms: int = Field(default=2000, gt=0)
     shutdown_grace_s: float = Field(default=5.0, ge=0)
     log_level: str = "INFO"
     # Platform: health, metrics, logs, workers, auth and TLS (the README's table documents each).

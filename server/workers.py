@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import functools
 import logging
 import os
 import signal
@@ -27,6 +26,7 @@ from server.embedded_redis import EmbeddedRedis
 
 _LOGGER = logging.getLogger(__name__)
 _WORKER_INDEX_ENV = "CACHEASIDE_WORKER_INDEX"
+_WORKER_CPU_ENV = "CACHEASIDE_WORKER_CPU"  # set for pinned workers only
 
 
 def run_workers(settings: Settings, count: int, *, demo: bool = False) -> int:
@@ -49,25 +49,26 @@ def run_workers(settings: Settings, count: int, *, demo: bool = False) -> int:
 
 
 def worker_cpus(allowed: Iterable[int], count: int) -> list[int]:
-    """The one CPU each of `count` pinned workers runs on: the allowed CPUs in order, round-robin."""
+    """The one logical CPU each of `count` pinned workers runs on: the allowed CPUs in order,
+    round-robin."""
     cpus = sorted(allowed)
     return [cpus[index % len(cpus)] for index in range(count)]
 
 
-def _pinned_cpus(settings: Settings, count: int) -> list[int | None]:
+def _pinned_cpus(settings: Settings, count: int) -> list[int] | None:
     if not settings.pin_workers:
-        return [None] * count
+        return None
     if not hasattr(os, "sched_setaffinity"):
         _LOGGER.warning("CACHEASIDE_PIN_WORKERS is set but this platform cannot pin: workers float")
-        return [None] * count
+        return None
     allowed = os.sched_getaffinity(0)
     if count > len(allowed):
         _LOGGER.warning(
-            "%d workers pinned to %d CPUs: some share a core; run as many workers as CPUs",
+            "%d workers pinned to %d CPUs: some share a CPU; run as many workers as CPUs",
             count,
             len(allowed),
         )
-    return list(worker_cpus(allowed, count))
+    return worker_cpus(allowed, count)
 
 
 async def _supervise(settings: Settings, count: int, env: dict[str, str]) -> int:
@@ -75,6 +76,8 @@ async def _supervise(settings: Settings, count: int, env: dict[str, str]) -> int
     cpus = _pinned_cpus(settings, count)
     for index in range(count):
         child_env = {**env, _WORKER_INDEX_ENV: str(index)}
+        if cpus is not None:
+            child_env[_WORKER_CPU_ENV] = str(cpus[index])
         if settings.metrics_listen:
             metrics_host, metrics_port = split_listen(settings.metrics_listen)
             offset = metrics_port + index if metrics_port else 0
@@ -85,14 +88,14 @@ async def _supervise(settings: Settings, count: int, env: dict[str, str]) -> int
                 "-m",
                 "server.workers",
                 env=child_env,
-                preexec_fn=functools.partial(_prepare_worker, cpus[index]),
+                preexec_fn=_die_with_parent,
             )
         )
     _LOGGER.info(
         "started %d workers on %s",
         count,
         env["CACHEASIDE_LISTEN"],
-        extra={"pids": [c.pid for c in children], "cpus": cpus},
+        extra={"pids": [c.pid for c in children]} | ({"cpus": cpus} if cpus is not None else {}),
     )
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -139,25 +142,37 @@ def _free_port(host: str) -> int:
         return int(probe.getsockname()[1])
 
 
-def _prepare_worker(cpu: int | None) -> None:
-    # Runs in the child before the interpreter starts, so every thread it will have inherits the CPU.
-    # Pinned, grpc's poller thread and the event loop wake each other on one core: on a virtual machine
-    # a wake-up sent to another core is an interrupt through the hypervisor.
-    if cpu is not None:
-        os.sched_setaffinity(0, {cpu})
+def _die_with_parent() -> None:
     # Linux: a parent killed outright (SIGKILL, OOM) cannot forward SIGTERM; the kernel sends it instead,
     # so no worker lives on holding the port. Elsewhere this is a no-op.
     if sys.platform == "linux":
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
 
 
+def _pin(cpu: str | None) -> str | None:
+    """Run this process on one CPU, before it has any thread but this one, so every thread it starts
+    inherits it. Pinned, grpc's poller thread and the event loop wake each other on one core: on a
+    virtual machine a wake-up sent to another core is an interrupt through the hypervisor. Returns why
+    it could not (a sandbox that forbids it, a CPU gone since the parent chose it), or None."""
+    if cpu is None:
+        return None
+    try:
+        os.sched_setaffinity(0, {int(cpu)})
+    except OSError as exc:
+        return f"could not pin this worker to CPU {cpu} ({exc}): it floats"
+    return None
+
+
 def _run_worker() -> int:
-    # A worker: the parent has set the shared port, the Redis URL and this worker's index.
+    # A worker: the parent has set the shared port, the Redis URL, this worker's index and its CPU.
+    unpinned = _pin(os.environ.get(_WORKER_CPU_ENV))  # before the imports below start any thread
     from server.app import run, serve
     from server.logs import configure_logging
 
     settings = Settings()
     configure_logging(settings.log_level, settings.log_format)
+    if unpinned:
+        _LOGGER.warning(unpinned)
     run(serve(settings, reuse_port=True, worker=int(os.environ[_WORKER_INDEX_ENV])), settings.event_loop)
     return 0
 

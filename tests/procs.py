@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
-from server.app import create_app, freeze_startup_heap
+from server.app import create_app
+from server.collector import freeze_startup_heap
 from server.config import Settings
 
 _CONTEXT = multiprocessing.get_context("spawn")

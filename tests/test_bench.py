@@ -107,10 +107,20 @@ def test_the_event_loop_setting_picks_uvloop() -> None:
 
 
 def test_the_scenarios_of_paired_ratios_run_back_to_back() -> None:
-    names = ("hit", "miss", "noop", "zipf", "hit-2w-2cpu-pin", f"hit-{OTHER_LOOP}", f"noop-{OTHER_LOOP}")
+    names = (
+        "hit",
+        "miss",
+        "noop",
+        "zipf",
+        "hit-2w-2cpu",
+        "hit-2w-2cpu-pin",
+        f"hit-{OTHER_LOOP}",
+        f"noop-{OTHER_LOOP}",
+    )
     blocks = suite._blocks([scenario for scenario in scenarios() if scenario.name in names])
     assert [[scenario.name for scenario in block] for block in blocks] == [
-        ["hit-2w-2cpu-pin", "hit", "noop"],  # two pairs that share hit: one chain, each pair adjacent
+        # three pairs, each sharing a scenario with the next: one chain, each pair adjacent
+        ["hit-2w-2cpu", "hit-2w-2cpu-pin", "hit", "noop"],
         ["miss"],
         ["zipf"],
         [f"hit-{OTHER_LOOP}", f"noop-{OTHER_LOOP}"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import urllib.request
@@ -17,12 +18,13 @@ from client.proto.cacheaside.v1 import cache_service_pb2_grpc as pb_grpc
 from server.app import create_app
 from server.config import Settings
 from server.embedded_redis import free_port
-from server.workers import worker_cpus
+from server.workers import _pin, worker_cpus
 from tests.conftest import Running
 from tests.data import add_post, add_user
 from tests.processes import log_lines_until, server_env, spawn
 
 WORKERS = 2
+_ALLOWED = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
 MAX_CONNECTIONS = 200  # SO_REUSEPORT spreads connections by hash: both workers are hit long before this
 
 
@@ -90,12 +92,23 @@ def test_pinned_workers_take_the_allowed_cpus_in_turn() -> None:
     assert worker_cpus([2], 1) == [2]
 
 
+@pytest.mark.skipif(not _ALLOWED, reason="CPU affinity is Linux's")
+def test_a_worker_that_cannot_take_its_cpu_says_so_and_floats() -> None:
+    assert _pin(None) is None
+    assert "could not pin this worker to CPU 4095" in str(_pin("4095"))  # no such CPU here
+    assert os.sched_getaffinity(0) == _ALLOWED  # nothing changed
+
+
 def _thread_cpus(pid: int) -> list[set[int]]:
     """The CPUs each thread of a process may run on (grpc's poller thread included)."""
-    return [os.sched_getaffinity(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")]
+    found = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended since the listing
+            found.append(os.sched_getaffinity(int(tid)))
+    return found
 
 
-@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="CPU affinity is Linux's")
+@pytest.mark.skipif(len(_ALLOWED) < 2, reason="pinning to one CPU each needs two CPUs to tell apart")
 @pytest.mark.parametrize("pinned", [True, False], ids=["pinned", "floating"])
 @pytest.mark.parametrize("database", ["sqlite"], indirect=True)
 async def test_pinned_workers_run_every_thread_on_a_cpu_of_their_own(
