@@ -295,7 +295,8 @@ def _print_others(result: dict[str, Any]) -> None:
     warm = result.get("warm_impact", {})
     if "ratio_p99_warm_to_no_warm" in warm:
         ratio = warm["ratio_p99_warm_to_no_warm"]
-        print(f"- live reads' p99 during a warm of 10,000 keys / without: {ratio:.2f}")
+        failed = f", {warm['failed_reads']} reads failed" if warm.get("failed_reads") else ""
+        print(f"- live reads' p99 during a warm of 10,000 keys / without: {ratio:.2f}{failed}")
 
 
 if __name__ == "__main__":
