@@ -84,11 +84,7 @@ async def _supervise(settings: Settings, count: int, env: dict[str, str]) -> int
             child_env["CACHEASIDE_METRICS_LISTEN"] = f"{metrics_host}:{offset}"
         children.append(
             await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "server.workers",
-                env=child_env,
-                preexec_fn=_die_with_parent,
+                sys.executable, "-m", "server.workers", env=child_env, preexec_fn=_die_with_parent
             )
         )
     _LOGGER.info(

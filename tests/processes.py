@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import grpc
@@ -15,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server.config import Settings
 
 START_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 30.0
 
 
 def server_env(settings: Settings, **extra: str) -> dict[str, str]:
@@ -72,3 +75,21 @@ async def health_status(target: str, *, timeout_s: float = 2.0) -> int:
         stub = health_pb2_grpc.HealthStub(channel)
         response = await stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
         return int(response.status)
+
+
+async def terminate(process: asyncio.subprocess.Process) -> int:
+    """SIGTERM, as an orchestrator stops a service; its exit code once it has stopped."""
+    process.send_signal(signal.SIGTERM)
+    async with asyncio.timeout(STOP_TIMEOUT_S):
+        return await process.wait()
+
+
+@contextlib.asynccontextmanager
+async def reaped(process: asyncio.subprocess.Process) -> AsyncIterator[asyncio.subprocess.Process]:
+    """process, killed on the way out if a failed test left it running."""
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

@@ -8,7 +8,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ import pytest
 import yaml
 
 from server.embedded_redis import free_port
-from tests.processes import log_lines_until
+from tests.processes import log_lines_until, reaped, terminate
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -199,17 +198,11 @@ async def test_the_dockerfile_install_and_start_steps_work_outside_docker(
     server = await asyncio.create_subprocess_exec(
         *command, cwd=elsewhere, env=run_env, stderr=asyncio.subprocess.PIPE
     )
-    try:
+    async with reaped(server):
         await log_lines_until(server, "cacheaside serving")
         probe = await asyncio.create_subprocess_exec(
             *health, cwd=elsewhere, env=run_env, stdout=asyncio.subprocess.PIPE
         )
         out, _ = await probe.communicate()
         assert (probe.returncode, out.decode().strip()) == (0, "SERVING")
-        server.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(30):
-            assert await server.wait() == 0
-    finally:
-        if server.returncode is None:
-            server.kill()
-            await server.wait()
+        assert await terminate(server) == 0

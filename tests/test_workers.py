@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import urllib.request
 
 import grpc
@@ -21,7 +20,7 @@ from server.embedded_redis import free_port
 from server.workers import _pin, worker_cpus
 from tests.conftest import Running
 from tests.data import add_post, add_user
-from tests.processes import log_lines_until, server_env, spawn
+from tests.processes import log_lines_until, reaped, server_env, spawn, terminate
 
 WORKERS = 2
 _ALLOWED = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
@@ -50,8 +49,7 @@ async def test_both_worker_processes_serve_calls_and_sigterm_stops_them_all(
     await add_post(db_engine, "p1", "alice", title="shared")
     target = f"127.0.0.1:{free_port()}"
     env = server_env(settings, CACHEASIDE_LISTEN=target, CACHEASIDE_METRICS_LISTEN="127.0.0.1:0")
-    parent = await spawn("serve", "--workers", str(WORKERS), env=env)
-    try:
+    async with reaped(await spawn("serve", "--workers", str(WORKERS), env=env)) as parent:
         started = await log_lines_until(parent, "cacheaside serving", count=WORKERS)
         workers = {int(line["pid"]): int(line["metrics_port"]) for line in started}
         assert len(workers) == WORKERS
@@ -74,16 +72,10 @@ async def test_both_worker_processes_serve_calls_and_sigterm_stops_them_all(
         assert sum(count for count, _ in served) == calls
         assert {int(pid) for _, pid in served} == set(workers), "each worker reports its own pid"
 
-        parent.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(30):
-            assert await parent.wait() == 0
+        assert await terminate(parent) == 0
         for pid in workers:
             with pytest.raises(ProcessLookupError):
                 os.kill(pid, 0)
-    finally:
-        if parent.returncode is None:
-            parent.kill()
-            await parent.wait()
 
 
 def test_pinned_workers_take_the_allowed_cpus_in_turn() -> None:
@@ -117,9 +109,7 @@ async def test_pinned_workers_run_every_thread_on_a_cpu_of_their_own(
     env = server_env(
         settings, CACHEASIDE_LISTEN=f"127.0.0.1:{free_port()}", CACHEASIDE_PIN_WORKERS=str(pinned).lower()
     )
-    allowed = os.sched_getaffinity(0)  # the service's own, inherited from this process
-    parent = await spawn("serve", "--workers", str(WORKERS), env=env)
-    try:
+    async with reaped(await spawn("serve", "--workers", str(WORKERS), env=env)) as parent:
         started = await log_lines_until(parent, "cacheaside serving", count=WORKERS)
         threads = {int(line["pid"]): _thread_cpus(int(line["pid"])) for line in started}
         assert all(len(cpus) > 1 for cpus in threads.values()), "grpc's poller runs beside the loop"
@@ -128,16 +118,10 @@ async def test_pinned_workers_run_every_thread_on_a_cpu_of_their_own(
                 assert len(cpus[0]) == 1, f"a worker on {cpus[0]}, not one CPU"
                 assert all(thread == cpus[0] for thread in cpus), "a thread escaped its worker's CPU"
             worker_on = sorted(cpu for cpus in threads.values() for cpu in cpus[0])
-            assert worker_on == sorted(worker_cpus(allowed, WORKERS))
-        else:
-            assert all(thread == allowed for cpus in threads.values() for thread in cpus)
-        parent.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(30):
-            assert await parent.wait() == 0
-    finally:
-        if parent.returncode is None:
-            parent.kill()
-            await parent.wait()
+            assert worker_on == sorted(worker_cpus(_ALLOWED, WORKERS))
+        else:  # the service's own CPUs, inherited from this process
+            assert all(thread == _ALLOWED for cpus in threads.values() for thread in cpus)
+        assert await terminate(parent) == 0
 
 
 async def test_a_single_server_does_not_share_its_port(service: Running, settings: Settings) -> None:
