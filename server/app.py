@@ -342,6 +342,12 @@ async def serve(
 
             await prepare_demo_database(settings)
         app = create_app(settings, redis_url=redis_url, reuse_port=reuse_port, worker=worker)
+        # Handled before "serving" is logged: a SIGTERM sent as soon as the service says it serves
+        # (an orchestrator's, or a test's) must shut it down gracefully, not kill it outright.
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stopping.set)
         await app.start()
         freeze_startup_heap()
         _LOGGER.info(
@@ -358,10 +364,6 @@ async def serve(
                 "worker": worker,
             },
         )
-        stopping = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stopping.set)
         await stopping.wait()
         _LOGGER.info("shutting down: in-flight calls get %.1fs", settings.shutdown_grace_s)
         await app.shutdown()

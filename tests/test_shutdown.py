@@ -19,7 +19,7 @@ from server.config import Settings
 from server.embedded_redis import free_port
 from tests.conftest import Database
 from tests.data import add_post, add_user
-from tests.processes import health_status, log_lines_until, server_env, spawn
+from tests.processes import health_status, log_lines_until, reaped, server_env, spawn, terminate
 
 
 async def _wait_for_a_call_blocked_on_the_lock(engine: AsyncEngine) -> None:
@@ -98,3 +98,16 @@ async def test_sigterm_lets_calls_in_flight_finish_and_refuses_new_ones(
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+@pytest.mark.parametrize("database", ["sqlite"], indirect=True)
+async def test_a_sigterm_sent_the_moment_it_says_it_serves_stops_it_gracefully(
+    settings: Settings, db_engine: AsyncEngine
+) -> None:
+    # Its handler is in place before the line is written, so no SIGTERM after it can kill it outright
+    # (exit -15, nothing drained), as an orchestrator's right after readiness once did to a worker.
+    env = server_env(settings, CACHEASIDE_LISTEN=f"127.0.0.1:{free_port()}")
+    async with reaped(await spawn("serve", env=env)) as server:
+        await log_lines_until(server, "cacheaside serving")
+        assert await terminate(server) == 0
+        await log_lines_until(server, "stopped")
