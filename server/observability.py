@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 
 import grpc
 
-from server.logs import CALL_NUMBERS, REQUEST_ID, request_id
+from server.logs import CALL_NUMBERS, REQUEST_ID, cached_levels, request_id
 from server.metrics import Metrics
 
 _LOGGER = logging.getLogger(__name__)
@@ -84,6 +84,7 @@ class Observability:
         # than a comparison with the first bound, where nearly every hit lands.
         fastest, first, observe = duration.bounds[0], duration.counts, duration.observe
         debugging, debug, perf_counter = _LOGGER.isEnabledFor, logging.DEBUG, time.perf_counter
+        debug_cached = cached_levels(_LOGGER)
 
         def begin(context: _Context) -> float:
             callers = _callers_id(context) if callers_ids else None
@@ -105,7 +106,7 @@ class Observability:
                 duration.sum += seconds
             else:
                 observe(seconds)
-            if debugging(debug):
+            if debug_cached(debug) is not False and debugging(debug):
                 if REQUEST_ID.get() is None:  # answered at once, before any id (guard.py)
                     REQUEST_ID.set(next(numbers))
                 _LOGGER.debug("rpc ok", extra={"rpc": rpc, "code": "OK", "ms": _ms_since(started)})

@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from client.proto.cacheaside.v1 import cache_service_pb2 as pb
 from server.config import Settings
-from server.logs import JsonFormatter
+from server.logs import JsonFormatter, cached_levels
 from server.metrics import Metrics
 from server.observability import Observability
 from server.tally import Timings
@@ -191,6 +191,29 @@ async def test_logs_are_json_lines_with_the_request_id_and_the_hot_path_logs_not
         "r-7",
     )
     assert {"ts", "logger", "pid", "ms"} <= set(line)
+
+
+def test_a_cached_level_answer_is_never_stale() -> None:
+    # The hot path skips isEnabledFor only on a cached False: any level change must clear it.
+    logger = logging.getLogger("tests.cached_levels")
+    parent = logging.getLogger("tests")
+    cached = cached_levels(logger)
+    logger.setLevel(logging.INFO)
+    try:
+        assert cached(logging.DEBUG) is None, "not asked yet"
+        assert not logger.isEnabledFor(logging.DEBUG)
+        assert cached(logging.DEBUG) is False
+        logger.setLevel(logging.NOTSET)  # now the parent's level decides
+        assert cached(logging.DEBUG) is None
+        parent.setLevel(logging.DEBUG)
+        assert logger.isEnabledFor(logging.DEBUG)
+        assert cached(logging.DEBUG) is True
+        logging.disable(logging.DEBUG)
+        assert cached(logging.DEBUG) is None, "logging.disable clears it too"
+    finally:
+        logging.disable(logging.NOTSET)
+        logger.setLevel(logging.NOTSET)
+        parent.setLevel(logging.NOTSET)
 
 
 def test_tallies_expose_what_prometheus_client_would() -> None:
