@@ -7,16 +7,18 @@ down, the bench-only servers) and what the server reports must match what the sc
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
 import socket
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from benchmarks import instructions, report, servers, suite
+from benchmarks import alternate, instructions, report, servers, suite
 from benchmarks.keyed_load import header_block, read_bodies, write_bodies
 from benchmarks.scenarios import LOOP, OTHER_LOOP, scenarios
 from server.app import run
@@ -79,6 +81,37 @@ def test_instructions_per_call_are_counted_over_the_calls_sent_only(h2load: None
     # tens of millions each.
     counted = instructions.main(["--servers", "noop", "--calls", "100", "--no-save"])["servers"]["noop"]
     assert 50_000 < counted["instructions_per_call"] < 2_000_000
+
+
+@pytest.mark.timeout(90)
+def test_the_alternation_drives_the_hit_its_bare_twin_and_the_ceiling_in_turn(h2load: None) -> None:
+    result = alternate.main(["--rounds", "2", "--duration", "0.3", "--no-save"])
+
+    assert len(result["runs"]) == 2
+    for one in result["runs"]:
+        assert set(one) == set(alternate.SERVERS)
+        assert all(req_per_s > 0 for req_per_s in one.values())
+    ratio = result["ratios"]["hit / noop"]
+    assert ratio["min"] <= ratio["median"] <= ratio["max"]
+    assert ratio["of_sums"] == pytest.approx(
+        sum(one["hit"] for one in result["runs"]) / sum(one["noop"] for one in result["runs"])
+    )
+
+
+def test_alternation_orders_put_each_server_before_each_other_equally_often() -> None:
+    rounds = alternate.orders(12)
+    positions = Counter((order.index(name), name) for order in rounds for name in alternate.SERVERS)
+    assert set(positions.values()) == {4}, "each server in each place 4 times in 12 rounds"
+    before = Counter((a, b) for order in rounds for a, b in itertools.pairwise(order))
+    assert set(before.values()) == {4}, "each server right before each other 4 times"
+
+
+def test_a_ratio_is_the_median_of_the_rounds_own_and_of_their_sums() -> None:
+    runs = [{"hit": 90.0, "bare-near": 95.0, "noop": 100.0}, {"hit": 50.0, "bare-near": 50.0, "noop": 50.0},
+            {"hit": 180.0, "bare-near": 190.0, "noop": 200.0}]  # fmt: skip
+    found = alternate.summarize(runs)["hit / noop"]
+    assert (found["median"], found["min"], found["max"]) == (0.9, 0.9, 1.0)
+    assert found["of_sums"] == pytest.approx(320 / 350)
 
 
 def test_request_sequences_survive_the_file_round_trip(tmp_path: Path) -> None:
