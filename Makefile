@@ -41,7 +41,7 @@ bench-deps:
 	@bash scripts/ensure_h2load.sh
 	@bash scripts/ensure_valgrind.sh
 
-# The benchmark suite (about 17 minutes): the table, ratios, JSON and PNG in benchmarks/results/.
+# The benchmark suite (about 19 minutes): the table, ratios, JSON and PNG in benchmarks/results/.
 bench: install bench-deps
 	@bash scripts/ensure_services.sh
 	$(BIN)/python -m benchmarks.suite

@@ -28,7 +28,7 @@ from typing import Any
 import grpc
 from sqlalchemy import select, text
 
-from benchmarks import chart, h2load, machine, report
+from benchmarks import alternate, chart, h2load, machine, report
 from benchmarks.environment import bench_database, bench_redis_url
 from benchmarks.keyed_load import write_bodies
 from benchmarks.runner import LoadShape, measure
@@ -48,6 +48,7 @@ OTHERS = (
     ("invalidation lag", "benchmarks.invalidation_lag"),
     ("near-cache coherence", "benchmarks.near_coherence"),
     ("warm impact", "benchmarks.warm_impact"),
+    ("hit against the ceiling, second by second", "benchmarks.alternate"),
 )
 
 
@@ -292,6 +293,12 @@ def _print_others(result: dict[str, Any]) -> None:
     ):
         if "p99_ms" in result.get(key, {}):
             print(f"- {what}: p50 {result[key]['p50_ms']:.1f} ms, p99 {result[key]['p99_ms']:.1f} ms")
+    alternated = result.get("alternate", {}).get("ratios", {})
+    for name, ratio in alternated.items():
+        print(
+            f"- {alternate.LABELS[name]}, alternated second by second: {ratio['median']:.2f}x median of "
+            f"{result['alternate']['rounds']} rounds (quartiles {ratio['q1']:.2f}-{ratio['q3']:.2f})"
+        )
     warm = result.get("warm_impact", {})
     if "ratio_p99_warm_to_no_warm" in warm:
         ratio = warm["ratio_p99_warm_to_no_warm"]

@@ -84,8 +84,8 @@ def test_instructions_per_call_are_counted_over_the_calls_sent_only(h2load: None
 
 
 @pytest.mark.timeout(90)
-def test_the_alternation_drives_the_hit_its_bare_twin_and_the_ceiling_in_turn(h2load: None) -> None:
-    result = alternate.main(["--rounds", "2", "--duration", "0.3", "--no-save"])
+async def test_the_alternation_drives_the_hit_its_bare_twin_and_the_ceiling_in_turn(h2load: None) -> None:
+    result = await alternate.main(["--rounds", "2", "--duration", "0.3", "--no-save"])
 
     assert len(result["runs"]) == 2
     for one in result["runs"]:
