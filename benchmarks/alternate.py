@@ -27,19 +27,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from benchmarks import h2load, machine
 from benchmarks.environment import bench_redis_url, save_result
-from benchmarks.scenarios import LOAD_CPU, LOOP, SERVER_CPU
+from benchmarks.scenarios import GET_POST, HIT_REQUEST, LOAD_CPU, LOOP, SERVER_CPU, probe_hit
 from benchmarks.servers import RunningServer, ServerSpec, module, product
-from client.proto.cacheaside.v1 import cache_service_pb2 as pb
+from benchmarks.stats import spread
 from server.config import Settings
 from server.demo import prepare_demo_database
-from server.seed import post_id
 
-GET_POST = "/cacheaside.v1.CacheService/GetPost"
-_REQUEST = pb.GetPostRequest(post_id=post_id(1)).SerializeToString()
 SERVERS = ("hit", "bare-near", "noop")
 # (numerator, denominator) of each ratio reported.
 RATIOS = (("hit", "noop"), ("bare-near", "noop"), ("hit", "bare-near"))
@@ -74,16 +69,8 @@ def _specs(scratch: Path, redis_url: str, prefix: str) -> dict[str, ServerSpec]:
     }
 
 
-def _get_post(target: str) -> tuple[bytes, str]:
-    """One real GetPost: its response bytes and x-cache (empty from the bench-only servers)."""
-    with grpc.insecure_channel(target) as channel:
-        call = channel.unary_unary(GET_POST)
-        response, answered = call.with_call(_REQUEST, timeout=10)
-        return response, dict(answered.trailing_metadata() or ()).get("x-cache", "")
-
-
 def _drive(server: RunningServer, duration_s: float) -> float:
-    load = h2load.run(server.target, GET_POST, _REQUEST, duration_s=duration_s, cpus=LOAD_CPU)
+    load = h2load.run(server.target, GET_POST, HIT_REQUEST, duration_s=duration_s, cpus=LOAD_CPU)
     if not load["succeeded"] or load["http_errors"]:
         raise RuntimeError(f"{server.spec.name}: {load['succeeded']:.0f} calls succeeded, {load}")
     return float(load["req_per_s"])
@@ -104,13 +91,11 @@ def summarize(runs: Sequence[dict[str, float]]) -> dict[str, dict[str, float]]:
     for numerator, denominator in RATIOS:
         per_round = [run[numerator] / run[denominator] for run in runs]
         low, _, high = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else per_round * 3
-        found[f"{numerator} / {denominator}"] = {
-            "median": statistics.median(per_round),
+        of_sums = sum(run[numerator] for run in runs) / sum(run[denominator] for run in runs)
+        found[f"{numerator} / {denominator}"] = spread(per_round) | {
             "q1": low,
             "q3": high,
-            "min": min(per_round),
-            "max": max(per_round),
-            "of_sums": sum(run[numerator] for run in runs) / sum(run[denominator] for run in runs),
+            "of_sums": of_sums,
         }
     return found
 
@@ -132,7 +117,7 @@ async def measure(rounds: int, duration_s: float) -> dict[str, Any]:
                 started[name] = server = RunningServer(specs[name], scratch)
                 server.wait_listening()
                 _drive(server, _WARM_S)
-            answers = {name: _get_post(server.target) for name, server in started.items()}
+            answers = {name: probe_hit(server.target) for name, server in started.items()}
             if answers["hit"][1] != "hit" or answers["bare-near"][0] != answers["hit"][0]:
                 raise RuntimeError(f"the product and its bare twin do not answer the same hit: {answers}")
             before = started["hit"].counters()

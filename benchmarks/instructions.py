@@ -29,19 +29,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from benchmarks import h2load
 from benchmarks.environment import bench_redis_url, save_result
+from benchmarks.scenarios import GET_POST, HIT_REQUEST, probe_hit
 from benchmarks.servers import RunningServer, ServerSpec
-from client.proto.cacheaside.v1 import cache_service_pb2 as pb
 from server.config import Settings
 from server.demo import prepare_demo_database
 from server.domain.keys import key_prefix
-from server.seed import post_id
 
-GET_POST = "/cacheaside.v1.CacheService/GetPost"
-_REQUEST = pb.GetPostRequest(post_id=post_id(1)).SerializeToString()
 _WARM_CALLS = 200
 _UNDER_VALGRIND_START_S = 300.0
 
@@ -88,14 +83,6 @@ def _specs(scratch: Path, redis_url: str, prefix: str) -> dict[str, ServerSpec]:
     }
 
 
-def _probe(target: str) -> str:
-    """One real GetPost: its x-cache (empty from the bench-only servers, which send none)."""
-    with grpc.insecure_channel(target) as channel:
-        call = channel.unary_unary(GET_POST)
-        _, answered = call.with_call(_REQUEST, timeout=60)
-        return dict(answered.trailing_metadata() or ()).get("x-cache", "")
-
-
 def _control(command: str, pid: int) -> None:
     # callgrind_control talks to the running valgrind through files it polls: -z zeroes, -d dumps.
     # It exits 0 even when it found no such process, so its "OK." is what tells.
@@ -111,16 +98,16 @@ _GET_POST_OK = ("cacheaside_rpc_requests_total", (("code", "OK"), ("rpc", "GetPo
 
 def _count(server: RunningServer, out_file: Path, calls: int) -> dict[str, Any]:
     server.wait_listening()
-    h2load.run(server.target, GET_POST, _REQUEST, duration_s=300, calls=_WARM_CALLS)
+    h2load.run(server.target, GET_POST, HIT_REQUEST, duration_s=300, calls=_WARM_CALLS)
     for _ in range(50):  # the product's near cache admits once the fill's event is heard
-        if _probe(server.target) in ("", "hit"):
+        if probe_hit(server.target, timeout_s=60)[1] in ("", "hit"):
             break
         time.sleep(0.2)
     else:
         raise RuntimeError(f"{server.spec.name} never answered from its near cache")
     before = server.counters() if server.spec.metrics else {}
     _control("-z", server.pid)
-    load = h2load.run(server.target, GET_POST, _REQUEST, duration_s=600, calls=calls)
+    load = h2load.run(server.target, GET_POST, HIT_REQUEST, duration_s=600, calls=calls)
     _control("-d", server.pid)
     if load["succeeded"] != calls or load["http_errors"]:
         raise RuntimeError(f"{server.spec.name}: {load['succeeded']} of {calls} calls succeeded")

@@ -55,15 +55,16 @@ def _get(post: str) -> bytes:
     return pb.GetPostRequest(post_id=post).SerializeToString()
 
 
-_HIT = _get(HOT_POST)
+HIT_REQUEST = _get(HOT_POST)
+"""GetPost of the hot post: the body every single-key hit scenario sends."""
 _BATCH = pb.BatchGetPostsRequest(post_ids=BATCH_IDS).SerializeToString()
 
 
 def scenarios() -> list[Scenario]:
     """Every scenario, in the order of one round."""
     return [
-        Scenario("hit", "aio", "GetPost, warmed key (near cache)", body=_HIT),
-        Scenario("hit-redis", "aio-l2", "GetPost, warmed key, near cache off", body=_HIT),
+        Scenario("hit", "aio", "GetPost, warmed key (near cache)", body=HIT_REQUEST),
+        Scenario("hit-redis", "aio-l2", "GetPost, warmed key, near cache off", body=HIT_REQUEST),
         Scenario("miss", "aio", "GetPost, a new key each call", keyed="miss", prepare="miss"),
         Scenario(
             "zipf", "aio", f"GetPost, Zipf s={ZIPF_S}, top {WARM_KEYS} warmed", keyed="zipf", prepare="zipf"
@@ -74,9 +75,11 @@ def scenarios() -> list[Scenario]:
         Scenario(
             "redis-down", "aio-redis-down", "the Zipf GetPosts, breaker open", keyed="zipf", prepare="bypass"
         ),
-        Scenario("noop", "noop-aio", "no-op handler (ceiling)", body=_HIT, prepare="noop"),
+        Scenario("noop", "noop-aio", "no-op handler (ceiling)", body=HIT_REQUEST, prepare="noop"),
         Scenario("noop-keyed", "noop-aio", "no-op, keyed generator", keyed="hit", prepare="noop"),
-        Scenario(f"hit-{OTHER_LOOP}", f"aio-{OTHER_LOOP}", "GetPost, warmed key (near cache)", body=_HIT),
+        Scenario(
+            f"hit-{OTHER_LOOP}", f"aio-{OTHER_LOOP}", "GetPost, warmed key (near cache)", body=HIT_REQUEST
+        ),
         Scenario(
             f"miss-{OTHER_LOOP}",
             f"aio-{OTHER_LOOP}",
@@ -93,10 +96,19 @@ def scenarios() -> list[Scenario]:
             items=100,
         ),
         Scenario(
-            f"noop-{OTHER_LOOP}", f"noop-{OTHER_LOOP}", "no-op handler (ceiling)", body=_HIT, prepare="noop"
+            f"noop-{OTHER_LOOP}",
+            f"noop-{OTHER_LOOP}",
+            "no-op handler (ceiling)",
+            body=HIT_REQUEST,
+            prepare="noop",
         ),
         Scenario(
-            "hit-bare-aio", "bare-aio", "GetPost, one Redis MGET", body=_HIT, prepare="twin", compare_to="aio"
+            "hit-bare-aio",
+            "bare-aio",
+            "GetPost, one Redis MGET",
+            body=HIT_REQUEST,
+            prepare="twin",
+            compare_to="aio",
         ),
         Scenario(
             "batch100-bare-aio",
@@ -112,11 +124,13 @@ def scenarios() -> list[Scenario]:
             "hit-bare-near",
             "bare-near",
             "GetPost, a dictionary hit (parse, look up, frame)",
-            body=_HIT,
+            body=HIT_REQUEST,
             prepare="twin",
             compare_to="aio",
         ),
-        Scenario("hit-sync", "sync", "GetPost, one Redis MGET", body=_HIT, prepare="twin", compare_to="aio"),
+        Scenario(
+            "hit-sync", "sync", "GetPost, one Redis MGET", body=HIT_REQUEST, prepare="twin", compare_to="aio"
+        ),
         Scenario(
             "batch100-sync",
             "sync",
@@ -127,11 +141,11 @@ def scenarios() -> list[Scenario]:
             prepare="twin",
             compare_to="aio",
         ),
-        Scenario("noop-sync", "noop-sync", "no-op handler (ceiling)", body=_HIT, prepare="noop"),
-        Scenario("hit-2w-1cpu", "aio-2w-1cpu", "GetPost, warmed key", body=_HIT),
-        Scenario("hit-1w-2cpu", "aio-1w-2cpu", "GetPost, warmed key", body=_HIT),
-        Scenario("hit-2w-2cpu", "aio-2w-2cpu", "GetPost, warmed key, workers float", body=_HIT),
-        Scenario("hit-2w-2cpu-pin", "aio-2w-2cpu-pin", "GetPost, warmed key, a core each", body=_HIT),
+        Scenario("noop-sync", "noop-sync", "no-op handler (ceiling)", body=HIT_REQUEST, prepare="noop"),
+        Scenario("hit-2w-1cpu", "aio-2w-1cpu", "GetPost, warmed key", body=HIT_REQUEST),
+        Scenario("hit-1w-2cpu", "aio-1w-2cpu", "GetPost, warmed key", body=HIT_REQUEST),
+        Scenario("hit-2w-2cpu", "aio-2w-2cpu", "GetPost, warmed key, workers float", body=HIT_REQUEST),
+        Scenario("hit-2w-2cpu-pin", "aio-2w-2cpu-pin", "GetPost, warmed key, a core each", body=HIT_REQUEST),
     ]
 
 
@@ -206,6 +220,14 @@ class Target:
     stub: Any
     product_stub: Any | None
     sequences: Mapping[str, list[bytes]]
+
+
+def probe_hit(target: str, *, timeout_s: float = 10) -> tuple[bytes, str]:
+    """One real GetPost of the hot post, outside any event loop: the response bytes and x-cache (empty
+    from the bench-only servers, which send none). For the benchmarks that drive h2load themselves."""
+    with grpc.insecure_channel(target) as channel:
+        response, answered = channel.unary_unary(GET_POST).with_call(HIT_REQUEST, timeout=timeout_s)
+        return response, str(dict(answered.trailing_metadata() or ()).get("x-cache", ""))
 
 
 async def _call(stub: Any, scenario: Scenario, body: bytes) -> tuple[bytes, str]:

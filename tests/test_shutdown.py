@@ -70,8 +70,7 @@ async def test_sigterm_lets_calls_in_flight_finish_and_refuses_new_ones(
         CACHEASIDE_DB_TIMEOUT_MS="30000",
         CACHEASIDE_LEASE_TTL_MS="31000",
     )
-    process = await spawn("serve", env=env)
-    try:
+    async with reaped(await spawn("serve", env=env)) as process:
         await log_lines_until(process, "cacheaside serving")
         async with db_engine.connect() as locker, grpc.aio.insecure_channel(target) as channel:
             transaction = await locker.begin()
@@ -94,10 +93,6 @@ async def test_sigterm_lets_calls_in_flight_finish_and_refuses_new_ones(
         async with asyncio.timeout(30):
             await log_lines_until(process, "stopped")
             assert await process.wait() == 0
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
 
 
 @pytest.mark.parametrize("database", ["sqlite"], indirect=True)
