@@ -29,7 +29,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from benchmarks import h2load
+from benchmarks import h2load, report
 from benchmarks.environment import bench_redis_url, save_result
 from benchmarks.scenarios import GET_POST, HIT_REQUEST, probe_hit
 from benchmarks.servers import RunningServer, ServerSpec
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = measure(args.calls, names)
     result["ratios"] = ratios(result["servers"])
     for name, value in result["ratios"].items():
-        print(f"- {name}: {value:.2f}x")
+        print(f"- {name}: {report.ratio_text(value)}x")
     if not args.no_save:
         save_result("instructions", result)
     return result

@@ -168,6 +168,11 @@ def table(scenarios: Sequence[Scenario], summary: dict[str, dict[str, Any]]) -> 
     return "\n".join(lines)
 
 
+def ratio_text(value: float) -> str:
+    """A ratio as printed: three decimals below 1, where goals such as 0.95 sit (0.948 is not 0.95)."""
+    return f"{value:.3f}" if value < 1 else f"{value:.2f}"
+
+
 def ratio_lines(found: Sequence[dict[str, Any]]) -> str:
     """One line per ratio, with its goal and whether this run met it."""
     lines = []
@@ -177,8 +182,8 @@ def ratio_lines(found: Sequence[dict[str, Any]]) -> str:
             goal = f"  (goal >= {ratio['goal']:g}: {'met' if ratio['met'] else 'NOT met'})"
         paired = ratio.get("paired")
         if paired is not None:  # the median of the rounds' own ratios, each from runs back to back
-            goal = f", paired by round ({paired['min']:.2f}-{paired['max']:.2f}){goal}"
-        lines.append(f"- {ratio['name']}: {ratio['value']:.2f}x{goal}")
+            goal = f", paired by round ({ratio_text(paired['min'])}-{ratio_text(paired['max'])}){goal}"
+        lines.append(f"- {ratio['name']}: {ratio_text(ratio['value'])}x{goal}")
     return "\n".join(lines)
 
 

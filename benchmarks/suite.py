@@ -296,8 +296,9 @@ def _print_others(result: dict[str, Any]) -> None:
     alternated = result.get("alternate", {}).get("ratios", {})
     for name, ratio in alternated.items():
         print(
-            f"- {alternate.LABELS[name]}, alternated second by second: {ratio['median']:.2f}x median of "
-            f"{result['alternate']['rounds']} rounds (quartiles {ratio['q1']:.2f}-{ratio['q3']:.2f})"
+            f"- {alternate.LABELS[name]}, alternated second by second: {report.ratio_text(ratio['median'])}x "
+            f"median of {result['alternate']['rounds']} rounds "
+            f"(quartiles {report.ratio_text(ratio['q1'])}-{report.ratio_text(ratio['q3'])})"
         )
     warm = result.get("warm_impact", {})
     if "ratio_p99_warm_to_no_warm" in warm:

@@ -188,6 +188,16 @@ def test_a_paired_ratio_is_the_median_of_each_rounds_own() -> None:
     assert ceiling["met"] is True
 
 
+def test_a_ratio_just_short_of_its_goal_is_not_printed_as_the_goal() -> None:
+    ratio = {"name": "hit / ceiling", "value": 0.948, "goal": 0.95, "met": False}
+    ratio["paired"] = {"min": 0.941, "max": 0.962}
+    assert report.ratio_lines([ratio]) == (
+        "- hit / ceiling: 0.948x, paired by round (0.941-0.962)  (goal >= 0.95: NOT met)"
+    )
+    batch = {"name": "batch", "value": 97.355, "goal": 50.0, "met": True}
+    assert report.ratio_lines([batch]) == "- batch: 97.36x  (goal >= 50: met)"
+
+
 def test_a_server_whose_port_was_taken_before_it_bound_it_starts_again_on_another(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
