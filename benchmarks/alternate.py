@@ -27,8 +27,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import h2load, machine
+from benchmarks import h2load, machine, report
 from benchmarks.environment import bench_redis_url, save_result
+from benchmarks.runner import server_failures
 from benchmarks.scenarios import GET_POST, HIT_REQUEST, LOAD_CPU, LOOP, SERVER_CPU, probe_hit
 from benchmarks.servers import RunningServer, ServerSpec, module, product
 from benchmarks.stats import spread
@@ -76,15 +77,6 @@ def _drive(server: RunningServer, duration_s: float) -> float:
     return float(load["req_per_s"])
 
 
-def _failed_calls(before: dict[Any, float], after: dict[Any, float]) -> float:
-    # The product's own count of GetPosts that did not answer OK (h2load sees only HTTP status).
-    return sum(
-        value - before.get(key, 0.0)
-        for key, value in after.items()
-        if key[0] == "cacheaside_rpc_requests_total" and ("code", "OK") not in key[1]
-    )
-
-
 def summarize(runs: Sequence[dict[str, float]]) -> dict[str, dict[str, float]]:
     """Each ratio: the median of the rounds' own with quartiles, min and max, and the ratio of sums."""
     found = {}
@@ -130,9 +122,10 @@ async def measure(rounds: int, duration_s: float) -> dict[str, Any]:
                     f"round {number + 1:>3}/{rounds} {shown}  hit/noop {run['hit'] / run['noop']:.3f}",
                     flush=True,
                 )
-            failed = _failed_calls(before, started["hit"].counters())
+            # The product's own count (h2load sees only the HTTP status).
+            failed = server_failures(before, started["hit"].counters(), "GetPost")
             if failed:
-                raise RuntimeError(f"the product answered {failed:.0f} GetPosts with an error")
+                raise RuntimeError(f"the product answered GetPosts with errors: {failed}")
         finally:
             for server in started.values():
                 server.stop()
@@ -164,10 +157,10 @@ async def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     for name, ratio in result["ratios"].items():
         print(
-            f"- {LABELS[name]}: {ratio['median']:.3f}x median of the rounds "
-            f"(quartiles {ratio['q1']:.3f}-{ratio['q3']:.3f}, "
-            f"min-max {ratio['min']:.2f}-{ratio['max']:.2f}); "
-            f"{ratio['of_sums']:.3f}x of the summed req/s"
+            f"- {LABELS[name]}: {report.ratio_text(ratio['median'])}x median of the rounds "
+            f"(quartiles {report.ratio_text(ratio['q1'])}-{report.ratio_text(ratio['q3'])}, "
+            f"min-max {report.ratio_text(ratio['min'])}-{report.ratio_text(ratio['max'])}); "
+            f"{report.ratio_text(ratio['of_sums'])}x of the summed req/s"
         )
     if not args.no_save:
         save_result("alternate", result)

@@ -39,6 +39,18 @@ def _sum(counters: Counters, name: str, **labels: str) -> float:
     )
 
 
+def server_failures(before: Counters, after: Counters, rpc: str) -> dict[str, float]:
+    """The calls of method `rpc` the product answered with an error between two scrapes, by gRPC code.
+
+    Calls in flight when the load generator stops are cut off: CANCELLED, not failures."""
+    codes = {
+        dict(labels)["code"]: value - before.get((name, labels), 0.0)
+        for (name, labels), value in after.items()
+        if name == "cacheaside_rpc_requests_total" and dict(labels).get("rpc") == rpc
+    }
+    return {code: count for code, count in codes.items() if count and code not in ("OK", "CANCELLED")}
+
+
 def _keyed(server: RunningServer, scenario: Scenario, bodies: Path, shape: LoadShape) -> dict[str, Any]:
     argv = [
         "taskset", "-c", LOAD_CPU, sys.executable, "-m", "benchmarks.keyed_load",
@@ -98,16 +110,10 @@ async def measure(
         def delta(name: str, **labels: str) -> float:
             return _sum(after, name, **labels) - _sum(before, name, **labels)
 
-        codes = {
-            dict(labels)["code"]: delta(name, **dict(labels))
-            for name, labels in after
-            if name == "cacheaside_rpc_requests_total" and dict(labels).get("rpc") == rpc
-        }
-        # Calls in flight when the load generator stops are cut off: CANCELLED, not failures.
-        failed = {code: count for code, count in codes.items() if count and code not in ("OK", "CANCELLED")}
+        failed = server_failures(before, after, rpc)
         outcomes = delta("cacheaside_cache_outcomes_total", rpc=rpc)
         run |= {
-            "server_ok": codes.get("OK", 0.0),
+            "server_ok": delta("cacheaside_rpc_requests_total", rpc=rpc, code="OK"),
             "server_errors": sum(failed.values()),
             "server_error_codes": failed,
             "hit_ratio": delta("cacheaside_cache_outcomes_total", rpc=rpc, outcome="hit") / max(outcomes, 1),

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks import alternate, instructions, report, servers, suite
+from benchmarks import alternate, instructions, report, runner, servers, suite
 from benchmarks.keyed_load import header_block, read_bodies, write_bodies
 from benchmarks.scenarios import LOOP, OTHER_LOOP, scenarios
 from server.app import run
@@ -186,6 +186,22 @@ def test_a_paired_ratio_is_the_median_of_each_rounds_own() -> None:
     assert ceiling["value"] == round(1000 / 1040, 3), "the median of 0.96, 0.94 and 0.97, not 600/640"
     assert ceiling["paired"] == {"min": round(600 / 640, 3), "max": round(300 / 310, 3)}
     assert ceiling["met"] is True
+
+
+def test_server_failures_are_the_methods_errors_since_the_first_scrape_without_cut_off_calls() -> None:
+    def sample(rpc: str, code: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+        return ("cacheaside_rpc_requests_total", (("code", code), ("rpc", rpc)))
+
+    before = {sample("GetPost", "OK"): 10.0, sample("GetPost", "UNAVAILABLE"): 2.0}
+    after = before | {
+        sample("GetPost", "OK"): 90.0,
+        sample("GetPost", "UNAVAILABLE"): 5.0,
+        sample("GetPost", "CANCELLED"): 4.0,  # cut off when the load generator stopped
+        sample("GetPost", "UNKNOWN"): 1.0,  # new since the first scrape
+        sample("Warm", "INTERNAL"): 7.0,  # another method
+    }
+    assert runner.server_failures(before, after, "GetPost") == {"UNAVAILABLE": 3.0, "UNKNOWN": 1.0}
+    assert runner.server_failures(after, after, "GetPost") == {}
 
 
 def test_a_ratio_just_short_of_its_goal_is_not_printed_as_the_goal() -> None:
