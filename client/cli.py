@@ -21,6 +21,7 @@ from client import stats
 from client.client import (
     BATCH_GET_POSTS,
     BATCH_GET_USERS,
+    CACHE_DEBUG_METADATA,
     DEFAULT_TARGET,
     DEFAULT_TIMEOUT_S,
     GET_ARCHIVED,
@@ -197,7 +198,8 @@ def _view(args: argparse.Namespace) -> pb.UserView.ValueType:
 def _call(args: argparse.Namespace, method: Rpc[Any, Any], request: Message) -> int:
     with _client(args) as client:
         try:
-            reply = client.call(method, request)
+            # A person reading the answer is debugging: ask for the tier too.
+            reply = client.call(method, request, metadata=CACHE_DEBUG_METADATA)
         except grpc.RpcError as error:
             trailers = metadata_dict(error.trailing_metadata())
             request_id = f" (request id {trailers['x-request-id']})" if "x-request-id" in trailers else ""

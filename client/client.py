@@ -34,6 +34,8 @@ DEFAULT_TIMEOUT_S = 10.0
 DEFAULT_MAX_ATTEMPTS = 4
 SERVICE = "cacheaside.v1.CacheService"
 HEALTH_SERVICE = "grpc.health.v1.Health"
+# Sent with a read, asks for x-cache-tier in its trailing metadata as well as x-cache.
+CACHE_DEBUG_METADATA = (("x-cache-debug", "1"),)
 KEEPALIVE_TIME_MS = 30_000  # the server accepts pings every 10 s or slower (server/app.py)
 KEEPALIVE_TIMEOUT_MS = 10_000
 
@@ -88,7 +90,7 @@ class Reply(Generic[ResponseT]):
 
     @property
     def tier(self) -> str | None:
-        """x-cache-tier: hot, warm or cold (reads only; trailing metadata)."""
+        """x-cache-tier: hot, warm or cold (reads sent with CACHE_DEBUG_METADATA only; trailing metadata)."""
         return self.trailing_metadata.get("x-cache-tier")
 
     @property

@@ -30,7 +30,7 @@ from server.invalidator import OutboxInvalidator
 from server.limits import ConcurrencyLimit
 from server.metrics import Metrics, MetricsServer
 from server.observability import Observability
-from server.service import SERVICE_NAME, CacheService
+from server.service import CACHE_DEBUG_HEADER, SERVICE_NAME, CacheService
 from server.warm_worker import WarmWorker
 from server.warming import Warmer, Warms, warm_every, warm_logged
 
@@ -192,7 +192,7 @@ def create_app(
     # (`make bench-instructions`). Probes that must not queue behind reads go to the probe port.
     server.add_generic_rpc_handlers(
         (
-            _guarded_service(service.method_handlers(), settings, observability),
+            _guarded_service(service, settings, observability),
             grpc.method_handlers_generic_handler(health.SERVICE_NAME, observed_health),
         )
     )
@@ -238,7 +238,7 @@ def create_app(
 
 
 def _guarded_service(
-    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]], settings: Settings, observability: Observability
+    service: CacheService, settings: Settings, observability: Observability
 ) -> GuardedService:
     """The service's handlers, guarded: observed, then the token check, then the call limit.
 
@@ -247,7 +247,8 @@ def _guarded_service(
     and once for those that do not (guard.py), and neither is a server interceptor: grpc.aio runs an
     interceptor chain on every call of every method, which was 57 us of a near-cache hit's 314 us of
     CPU; a wrapper built once costs a call only its own work. Health is only observed and reflection
-    not wrapped at all: both always open, never limited.
+    not wrapped at all: both always open, never limited. Calls that send x-cache-debug are served by
+    the service's debug handlers (guarded as calls with a request id are).
     """
     tokens = TokenCheck(
         admin_token=settings.admin_token.get_secret_value(), read_token=settings.read_token.get_secret_value()
@@ -257,7 +258,11 @@ def _guarded_service(
         check_for=tokens.check_for,
         limit=ConcurrencyLimit(limit=settings.max_concurrent_rpcs),
     )
-    return guard.generic_handler(SERVICE_NAME, handlers)
+    return guard.generic_handler(
+        SERVICE_NAME,
+        service.method_handlers(),
+        asked=(CACHE_DEBUG_HEADER, service.method_handlers(debug=True)),
+    )
 
 
 class _HandlerCapture:

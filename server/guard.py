@@ -42,19 +42,28 @@ class Guard:
         self._limit = limit if limit is not None else ConcurrencyLimit(limit=0)
 
     def generic_handler(
-        self, name: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+        self,
+        name: str,
+        handlers: dict[str, grpc.RpcMethodHandler[Any, Any]],
+        *,
+        asked: tuple[str, dict[str, grpc.RpcMethodHandler[Any, Any]]] | None = None,
     ) -> GuardedService:
         """A generic handler serving service `name`'s methods, guarded.
 
         Each method is guarded twice, and each call routed to one of the two by the metadata grpc
         decoded to route it: a call that sends an x-request-id to the guard that reads it again at call
         time, any other (nearly all) to the one that makes an id without decoding the metadata again
-        (where read tokens are set, the token check still decodes it).
+        (where read tokens are set, the token check still decodes it). With `asked` (a header and
+        other handlers for the same methods), a call that sends that header is served by those,
+        guarded as for a call with a request id.
         """
+        header, asked_handlers = asked if asked is not None else (None, {})
         return GuardedService(
             name,
             {rpc: self.wrap(rpc, handler, callers_ids=False) for rpc, handler in handlers.items()},
             {rpc: self.wrap(rpc, handler) for rpc, handler in handlers.items()},
+            asked_header=header,
+            asked={rpc: self.wrap(rpc, handler) for rpc, handler in asked_handlers.items()},
         )
 
     def wrap(
@@ -91,26 +100,36 @@ class Guard:
 
 class GuardedService(grpc.GenericRpcHandler):  # type: ignore[type-arg]  # generic in grpc-stubs only
     """Routes a service's calls to their method's guarded handler: the one that makes a request id,
-    or, for a call that sends one, the one that reads it (Guard.generic_handler)."""
+    or, for a call that sends one, the one that reads it; for a call that sends `asked_header`, the
+    asked handler (Guard.generic_handler)."""
 
     def __init__(
         self,
         name: str,
         making_ids: dict[str, grpc.RpcMethodHandler[Any, Any]],
         reading_ids: dict[str, grpc.RpcMethodHandler[Any, Any]],
+        *,
+        asked_header: str | None = None,
+        asked: dict[str, grpc.RpcMethodHandler[Any, Any]] | None = None,
     ) -> None:
         self._making_ids = {f"/{name}/{rpc}": handler for rpc, handler in making_ids.items()}
         self._reading_ids = {f"/{name}/{rpc}": handler for rpc, handler in reading_ids.items()}
+        self._asked_header = asked_header
+        self._asked = {f"/{name}/{rpc}": handler for rpc, handler in (asked or {}).items()}
 
     def service(
         self, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         """The handler for this call, or None: not a method of this service."""
         # Runs for every call: a plain loop, as cheap as a scan of two or three entries can be.
+        handlers = self._making_ids
         for key, _ in handler_call_details.invocation_metadata or ():
+            if key == self._asked_header:
+                handlers = self._asked
+                break
             if key == REQUEST_ID_HEADER:
-                return self._reading_ids.get(handler_call_details.method)
-        return self._making_ids.get(handler_call_details.method)
+                handlers = self._reading_ids
+        return handlers.get(handler_call_details.method)
 
 
 # The unary and the streaming guard run the same steps; they differ in how the handler is awaited,

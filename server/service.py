@@ -58,6 +58,8 @@ _DEADLINE_MARGIN_S = 0.005  # answer DEADLINE_EXCEEDED ourselves, just before gR
 _T = TypeVar("_T")
 _RESPONSE_FIELD = 1  # the single field of every read response: user(s), post(s) or comments
 _HIT = Outcome.HIT
+CACHE_DEBUG_HEADER = "x-cache-debug"
+"""Request metadata (any value) that asks a read for x-cache-tier as well as x-cache."""
 
 
 ReadPlan: TypeAlias = "tuple[Sequence[tuple[Family, str]], Callable[[list[bytes]], bytes]]"
@@ -111,8 +113,9 @@ class CacheService:
         self._observer = observer
         self._recent_reads = recent_reads
 
-    def method_handlers(self) -> dict[str, grpc.RpcMethodHandler[Any, bytes]]:
-        """Every RPC of the service, by method name."""
+    def method_handlers(self, *, debug: bool = False) -> dict[str, grpc.RpcMethodHandler[Any, bytes]]:
+        """Every RPC of the service, by method name; with debug, reads answer with x-cache-tier too
+        (for calls that send CACHE_DEBUG_HEADER)."""
         # Per read: its request, what a missing id names (a user, a post...), and its plan.
         reads: dict[str, tuple[type[Message], str, Callable[[Any], ReadPlan]]] = {
             "GetUser": (pb.GetUserRequest, "user", self._plan_get_user),
@@ -125,7 +128,7 @@ class CacheService:
             "BatchGetPosts": (pb.BatchGetPostsRequest, "post", self._plan_batch_posts),
         }
         handlers = {
-            name: grpc.unary_unary_rpc_method_handler(self._read(name, request, subject, plan))
+            name: grpc.unary_unary_rpc_method_handler(self._read(name, request, subject, plan, debug=debug))
             for name, (request, subject, plan) in reads.items()
         }
         handlers["Invalidate"] = _unary(pb.InvalidateRequest, self._invalidate)
@@ -136,7 +139,13 @@ class CacheService:
     # The generic cache-aside path -------------------------------------------------------------
 
     def _read(
-        self, rpc: str, request_type: type[Message], subject: str, plan_of: Callable[[Any], ReadPlan]
+        self,
+        rpc: str,
+        request_type: type[Message],
+        subject: str,
+        plan_of: Callable[[Any], ReadPlan],
+        *,
+        debug: bool,
     ) -> RawHandler:
         """The one handler of every read: parse, plan, near cache or shared path, metadata, frame.
 
@@ -144,8 +153,10 @@ class CacheService:
         near-cache hit every layer of coroutines is a cost. A response built from the near cache is
         held by its request bytes (the engine's `answers`), so the same request again skips the parse,
         the plan, the lookups and the framing, until the near cache would have stopped serving them.
+        With debug, the metadata has x-cache-tier too, and nothing is held (debug calls are few).
         """
         parse, malformed = request_type.FromString, _malformed(request_type)
+        cache_metadata = _DEBUG_CACHE_METADATA if debug else _CACHE_METADATA
         record = self._observer.read_recorder(rpc) if self._observer is not None else None
         note = self._recent_reads.note if self._recent_reads is not None else None
         engine = self._engine
@@ -153,7 +164,7 @@ class CacheService:
         # resolved when it is held: reporting it through `record` and the metadata table, as the read
         # that built it was, cost 5k more instructions per hit (`make bench-instructions`, 1.3%).
         answers: Answers[tuple[Sequence[tuple[Family, str]], Tally | None, Metadata]] | None
-        answers = engine.answers()
+        answers = engine.answers() if not debug else None
         count_hit = self._observer.read_counter if self._observer is not None else None
         held_details: dict[str, tuple[Tally | None, Metadata]] = {}  # by tier, made once
 
@@ -179,13 +190,13 @@ class CacheService:
                     raise NotFound(_not_found_message(subject, missing))
                 # Trailing metadata leaves with the response and status in one batch; initial metadata
                 # would be a batch of its own, 15% of a near-cache hit's CPU. Appended to the request id.
-                context.set_trailing_metadata(context.trailing_metadata() + _CACHE_METADATA[outcome, tier])
+                context.set_trailing_metadata(context.trailing_metadata() + cache_metadata[outcome, tier])
                 response = build(payloads)  # type: ignore[arg-type]  # no None left: checked above
                 if near is not None and answers is not None:
                     detail = held_details.get(tier)
                     if detail is None:
                         hits = count_hit(rpc, _HIT, tier) if count_hit is not None else None
-                        detail = held_details[tier] = (hits, _CACHE_METADATA[_HIT, tier])
+                        detail = held_details[tier] = (hits, cache_metadata[_HIT, tier])
                     _, until, wall_until, keys = near
                     answers.put(
                         raw, response, (lookups, *detail), keys=keys, until=until, wall_until=wall_until
@@ -409,9 +420,14 @@ def _reported(
     return tier
 
 
-# (outcome, tier) -> the x-cache and x-cache-tier entries of a read's trailing metadata, built once.
-# Values as bytes: grpc sends them as they are, where a str is encoded again on every call.
+# (outcome, tier) -> a read's cache entries of trailing metadata, built once. Values as bytes: grpc
+# sends them as they are, where a str is encoded again on every call. x-cache-tier only when asked:
+# each entry costs a call about 1% of a near-cache hit's instructions in grpc's Cython and core, and a
+# key family's tier is the same for every read under one configuration.
 _CACHE_METADATA: dict[tuple[Outcome, str], Metadata] = {
+    (outcome, tier.value): (("x-cache", outcome.value.encode()),) for outcome in Outcome for tier in Tier
+}
+_DEBUG_CACHE_METADATA: dict[tuple[Outcome, str], Metadata] = {
     (outcome, tier.value): (("x-cache", outcome.value.encode()), ("x-cache-tier", tier.value.encode()))
     for outcome in Outcome
     for tier in Tier

@@ -14,7 +14,7 @@ import pytest
 from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from client.client import GET_POST, AsyncCacheClient, CacheClient
+from client.client import CACHE_DEBUG_METADATA, GET_POST, AsyncCacheClient, CacheClient
 from client.proto.cacheaside.v1 import cache_service_pb2 as pb
 from server.config import Settings
 from tests.conftest import Database, Running, start_service, stop_service
@@ -32,7 +32,7 @@ async def _seed(engine: AsyncEngine) -> None:
 
 def _sync_calls(target: str) -> dict[str, object]:
     with CacheClient(target) as client:
-        reply = client.call(GET_POST, pb.GetPostRequest(post_id="p1"))
+        reply = client.call(GET_POST, pb.GetPostRequest(post_id="p1"), metadata=CACHE_DEBUG_METADATA)
         return {
             "user": client.get_user("alice", full=True),
             "post": client.get_post("p1"),

@@ -13,6 +13,7 @@ import grpc
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from client.client import CACHE_DEBUG_METADATA
 from client.proto.cacheaside.v1 import cache_service_pb2 as pb
 from server.config import Settings
 from tests.conftest import Running, start_service, stop_service
@@ -54,7 +55,7 @@ async def test_every_read_misses_then_hits_on_a_cluster(
 ) -> None:
     await _seed_small(db_engine)
     method = getattr(on_cluster.stub, rpc)
-    first, meta = await call(method, request_message)
+    first, meta = await call(method, request_message, metadata=CACHE_DEBUG_METADATA)
     assert (meta["x-cache"], meta["x-cache-tier"]) == ("miss", tier.value)
     second, meta = await call(method, request_message)
     assert meta["x-cache"] == "hit"

@@ -15,6 +15,7 @@ from prometheus_client import generate_latest
 from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from client.client import CACHE_DEBUG_METADATA
 from client.proto.cacheaside.v1 import cache_service_pb2 as pb
 from server.cache.near import NearCache
 from server.config import Settings
@@ -147,8 +148,12 @@ async def test_the_same_read_again_is_answered_whole_until_an_invalidation_clear
     assert reader.app.engine.store.stats.attempts == attempts, "no Redis call"
     assert again == first
     assert first.post.title == "version 1"
-    assert (again_meta["x-cache"], again_meta["x-cache-tier"]) == ("hit", "warm")
+    assert again_meta["x-cache"] == "hit"
+    assert "x-cache-tier" not in again_meta, "the tier only when asked"
     assert "x-request-id" not in again_meta
+    asked, asked_meta = await call(reader.stub.GetPost, request, metadata=CACHE_DEBUG_METADATA)
+    assert (asked, asked_meta["x-cache"], asked_meta["x-cache-tier"]) == (first, "hit", "warm")
+    assert reader.app.engine.store.stats.attempts == attempts, "a near hit too, built again, not held"
 
     await set_post(db_engine, "p1", title="version 2")
     await call(writer.stub.Invalidate, pb.InvalidateRequest(post_ids=["p1"]))
@@ -278,7 +283,8 @@ async def test_a_held_answer_given_at_once_is_counted_timed_and_under_debug_logg
     assert timed.sum > seconds, "its duration is added to the histogram's sum"
     assert meta["x-cache"] == "hit"
     rose = {tier: count.value - hit_counts[tier] for tier, count in hits.items()}
-    assert rose == {tier: int(tier == meta["x-cache-tier"]) for tier in hits}, "a hit of its tier, once"
+    tier = reader.app.settings.tier_of("post").value
+    assert rose == {name: int(name == tier) for name in hits}, "a hit of its tier, once"
     assert "x-request-id" not in meta
 
     caplog.set_level(logging.DEBUG, logger="server.observability")

@@ -79,6 +79,7 @@ async def test_the_node_client_calls_every_rpc_and_gets_the_right_answers(
     warmed = got["Warm"]["response"]
     assert (warmed["posts_warmed"], warmed["users_warmed"]) == ("1", "2")
     assert got["GetPostAgain"]["cache"] == "hit", "Warm cached the popular post"
+    assert "tier" not in got["GetPostAgain"], "not asked for: no x-cache-tier"
     progress = got["WarmWithProgress"]["responses"]
     assert progress[-1]["done"] is True
     assert (progress[-1]["posts_warmed"], progress[-1]["users_warmed"]) == ("1", "2")

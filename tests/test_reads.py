@@ -5,10 +5,12 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+import grpc
 import pytest
 import redis.asyncio as aioredis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from client.client import CACHE_DEBUG_METADATA
 from client.proto.cacheaside.v1 import cache_service_pb2 as pb
 from server.config import Tier
 from tests.conftest import Running, start_service, stop_service
@@ -79,16 +81,38 @@ async def test_every_read_misses_then_hits_with_its_tier_ttl(
     await _seed_small(db_engine)
     method = getattr(service.stub, rpc)
 
-    first, first_meta = await call(method, request_message)
+    first, first_meta = await call(method, request_message, metadata=CACHE_DEBUG_METADATA)
     assert (first_meta["x-cache"], first_meta["x-cache-tier"]) == ("miss", tier.value)
     for key in keys:
         await assert_tier_ttl(redis_client, service.app.settings, service.prefix + key, tier)
 
     loads = service.app.engine.stats.loads
-    second, second_meta = await call(method, request_message)
+    second, second_meta = await call(method, request_message, metadata=CACHE_DEBUG_METADATA)
     assert (second_meta["x-cache"], second_meta["x-cache-tier"]) == ("hit", tier.value)
     assert second == first
     assert service.app.engine.stats.loads == loads, "a hit must not query the database"
+
+
+async def test_the_tier_comes_back_only_to_a_read_that_asks_for_it(
+    service: Running, db_engine: AsyncEngine
+) -> None:
+    await _seed_small(db_engine)
+    request = pb.BatchGetPostsRequest(post_ids=["p1", "p2"])
+    _, missed = await call(service.stub.BatchGetPosts, request)
+    _, hit = await call(service.stub.BatchGetPosts, request)
+    assert (missed["x-cache"], hit["x-cache"]) == ("miss", "hit")
+    assert "x-cache-tier" not in missed
+    assert "x-cache-tier" not in hit
+    # Asked for, with a request id as well: both come back, and the id too.
+    asked = (*CACHE_DEBUG_METADATA, ("x-request-id", "asked-1"))
+    _, meta = await call(service.stub.BatchGetPosts, request, metadata=asked)
+    assert (meta["x-cache"], meta["x-cache-tier"], meta["x-request-id"]) == ("hit", "warm", "asked-1")
+    # Asking changes nothing about how a failure is told.
+    failed = call(service.stub.GetPost, pb.GetPostRequest(post_id="nobody"), metadata=CACHE_DEBUG_METADATA)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await failed
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "no post has id 'nobody'" in (raised.value.details() or "")
 
 
 async def test_user_views_match_the_rows(service: Running, db_engine: AsyncEngine) -> None:
@@ -208,7 +232,9 @@ async def test_the_tier_of_each_family_is_a_setting(
     await add_post(db_engine, "p1", "alice")
     running = await start_service(settings, family_tiers={**settings.family_tiers, "post": Tier.COLD})
     try:
-        _, meta = await call(running.stub.GetPost, pb.GetPostRequest(post_id="p1"))
+        _, meta = await call(
+            running.stub.GetPost, pb.GetPostRequest(post_id="p1"), metadata=CACHE_DEBUG_METADATA
+        )
         assert meta["x-cache-tier"] == "cold"
         await assert_tier_ttl(redis_client, running.app.settings, running.prefix + "post:p1", Tier.COLD)
     finally:

@@ -37,8 +37,9 @@ function loadService() {
   return grpc.loadPackageDefinition(definition).cacheaside.v1.CacheService;
 }
 
-// Each RPC as an async function (request, {metadata}) -> {response, cache, tier, requestId};
-// a server-streaming RPC (WarmWithProgress) resolves to {responses: [...], requestId} at its end.
+// Each RPC as an async function (request, {metadata}) -> {response, cache, tier, requestId} (tier only
+// when the metadata has x-cache-debug, any value); a server-streaming RPC (WarmWithProgress) resolves
+// to {responses: [...], requestId} at its end.
 function createClient(target, { token, timeoutMs = DEFAULT_TIMEOUT_MS, credentials } = {}) {
   const CacheService = loadService();
   const stub = new CacheService(target, credentials || grpc.credentials.createInsecure(), {
@@ -92,7 +93,7 @@ function createClient(target, { token, timeoutMs = DEFAULT_TIMEOUT_MS, credentia
         call.on("status", (status) => {
           trailers = status.metadata;
           result.cache = trailers.get("x-cache")[0];
-          result.tier = trailers.get("x-cache-tier")[0];
+          result.tier = trailers.get("x-cache-tier")[0]; // only when asked for with x-cache-debug
           settle();
         });
       });

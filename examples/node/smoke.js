@@ -26,7 +26,9 @@ async function main() {
 
   const results = {};
   for (const [name, request] of Object.entries(calls)) {
-    results[name] = await client[name](request, { metadata: { "x-request-id": `node-${name}` } });
+    // x-cache-debug asks a read for its tier (x-cache-tier) as well.
+    const metadata = { "x-request-id": `node-${name}`, "x-cache-debug": "1" };
+    results[name] = await client[name](request, { metadata });
   }
   // A second GetPost: the cache answers it.
   results.GetPostAgain = await client.GetPost({ post_id: "p1" });

@@ -33,7 +33,9 @@ class CacheServiceStub:
     "stale" (the database failed or was too slow; served an expired copy, at most
     CACHEASIDE_MAX_STALE_S old), or "bypass" (Redis was unavailable; served from the
     database without caching).
-    x-cache-tier: "hot", "warm" or "cold": the TTL tier of the key family that answered.
+    x-cache-tier: "hot", "warm" or "cold": the TTL tier of the key family that answered; only when the
+    call sent the metadata x-cache-debug (any value). A family's tier is a setting, the
+    same for every read until the server is reconfigured.
     Ids are 1 to 64 characters from [A-Za-z0-9_-]; anything else is INVALID_ARGUMENT.
     Errors carry a google.rpc.ErrorInfo with domain "cacheaside" and an UPPER_SNAKE reason.
     """
@@ -109,7 +111,9 @@ class CacheServiceServicer:
     "stale" (the database failed or was too slow; served an expired copy, at most
     CACHEASIDE_MAX_STALE_S old), or "bypass" (Redis was unavailable; served from the
     database without caching).
-    x-cache-tier: "hot", "warm" or "cold": the TTL tier of the key family that answered.
+    x-cache-tier: "hot", "warm" or "cold": the TTL tier of the key family that answered; only when the
+    call sent the metadata x-cache-debug (any value). A family's tier is a setting, the
+    same for every read until the server is reconfigured.
     Ids are 1 to 64 characters from [A-Za-z0-9_-]; anything else is INVALID_ARGUMENT.
     Errors carry a google.rpc.ErrorInfo with domain "cacheaside" and an UPPER_SNAKE reason.
     """
@@ -270,7 +274,9 @@ class CacheService:
     "stale" (the database failed or was too slow; served an expired copy, at most
     CACHEASIDE_MAX_STALE_S old), or "bypass" (Redis was unavailable; served from the
     database without caching).
-    x-cache-tier: "hot", "warm" or "cold": the TTL tier of the key family that answered.
+    x-cache-tier: "hot", "warm" or "cold": the TTL tier of the key family that answered; only when the
+    call sent the metadata x-cache-debug (any value). A family's tier is a setting, the
+    same for every read until the server is reconfigured.
     Ids are 1 to 64 characters from [A-Za-z0-9_-]; anything else is INVALID_ARGUMENT.
     Errors carry a google.rpc.ErrorInfo with domain "cacheaside" and an UPPER_SNAKE reason.
     """
