@@ -4,11 +4,12 @@
 - UNAVAILABLE is retried with exponential backoff by gRPC itself, through the channel's service config,
   so a retry never outlives the call's deadline and a server's pushback is honoured;
 - keepalive pings find a dead connection in about 40 s instead of at the next call's timeout;
-- methods return the response messages; `call` also returns the metadata (x-cache, x-request-id).
+- methods return the response messages; `call` also returns the metadata (x-cache, x-request-id, and
+  x-cache-tier when asked for with CACHE_DEBUG_METADATA).
 
     with CacheClient("127.0.0.1:50051") as client:
         post = client.get_post("p0000001").post
-        reply = client.call(GET_POST, pb.GetPostRequest(post_id="p0000001"))
+        reply = client.call(GET_POST, pb.GetPostRequest(post_id="p0000001"), metadata=CACHE_DEBUG_METADATA)
         print(reply.cache, reply.tier, reply.request_id)
 """
 

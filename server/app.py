@@ -244,11 +244,11 @@ def _guarded_service(
 
     Outermost first, so rejected calls are counted and carry a request id too, and a call refused for
     its token never takes a slot. Each method is wrapped twice, once for calls that send a request id
-    and once for those that do not (guard.py), and neither is a server interceptor: grpc.aio runs an
-    interceptor chain on every call of every method, which was 57 us of a near-cache hit's 314 us of
-    CPU; a wrapper built once costs a call only its own work. Health is only observed and reflection
-    not wrapped at all: both always open, never limited. Calls that send x-cache-debug are served by
-    the service's debug handlers (guarded as calls with a request id are).
+    and once for those that do not (guard.py), and its debug twin once more; none is a server
+    interceptor: grpc.aio runs an interceptor chain on every call of every method, which was 57 us of a
+    near-cache hit's 314 us of CPU; a wrapper built once costs a call only its own work. Health is
+    only observed and reflection not wrapped at all: both always open, never limited. Calls that send
+    x-cache-debug are served by the service's debug handlers (guarded as calls with a request id are).
     """
     tokens = TokenCheck(
         admin_token=settings.admin_token.get_secret_value(), read_token=settings.read_token.get_secret_value()

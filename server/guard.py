@@ -55,7 +55,7 @@ class Guard:
         time, any other (nearly all) to the one that makes an id without decoding the metadata again
         (where read tokens are set, the token check still decodes it). With `asked` (a header and
         other handlers for the same methods), a call that sends that header is served by those,
-        guarded as for a call with a request id.
+        guarded a third time as for a call with a request id, whatever else it sends.
         """
         header, asked_handlers = asked if asked is not None else (None, {})
         return GuardedService(
@@ -122,12 +122,12 @@ class GuardedService(grpc.GenericRpcHandler):  # type: ignore[type-arg]  # gener
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         """The handler for this call, or None: not a method of this service."""
         # Runs for every call: a plain loop, as cheap as a scan of two or three entries can be.
-        handlers = self._making_ids
+        handlers, asked_header = self._making_ids, self._asked_header
         for key, _ in handler_call_details.invocation_metadata or ():
-            if key == self._asked_header:
+            if key == asked_header:
                 handlers = self._asked
                 break
-            if key == REQUEST_ID_HEADER:
+            if key == REQUEST_ID_HEADER:  # a header asked for may follow: the scan goes on
                 handlers = self._reading_ids
         return handlers.get(handler_call_details.method)
 

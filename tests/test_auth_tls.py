@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from client.client import AsyncCacheClient, tls_credentials
+from client.client import CACHE_DEBUG_METADATA, GET_POST, AsyncCacheClient, tls_credentials
 from client.proto.cacheaside.v1 import cache_service_pb2 as pb
 from server.config import Settings
 from server.logs import JsonFormatter
@@ -28,6 +28,9 @@ READER = "reader-51b0e6c4aa"
 async def _code(client: AsyncCacheClient, action: str) -> tuple[grpc.StatusCode, str]:
     calls = {
         "read": lambda: client.get_post("p1"),
+        "debug read": lambda: client.call(
+            GET_POST, pb.GetPostRequest(post_id="p1"), metadata=CACHE_DEBUG_METADATA
+        ),
         "invalidate": lambda: client.invalidate(post_ids=["p1"]),
         "warm": lambda: client.warm(posts=1, users=1),
         "health": lambda: client.health(),
@@ -99,6 +102,7 @@ async def test_reads_need_the_read_or_admin_token_when_a_read_token_is_set(
         ):
             async with _client(running, token) as client:
                 assert (await _code(client, "read"))[0] == read, token
+                assert (await _code(client, "debug read"))[0] == read, ("asking for the tier", token)
                 assert (await _code(client, "invalidate"))[0] == invalidate, token
                 assert (await _code(client, "health"))[0] == grpc.StatusCode.OK, "probes need no token"
     finally:

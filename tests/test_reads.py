@@ -103,16 +103,30 @@ async def test_the_tier_comes_back_only_to_a_read_that_asks_for_it(
     assert (missed["x-cache"], hit["x-cache"]) == ("miss", "hit")
     assert "x-cache-tier" not in missed
     assert "x-cache-tier" not in hit
-    # Asked for, with a request id as well: both come back, and the id too.
-    asked = (*CACHE_DEBUG_METADATA, ("x-request-id", "asked-1"))
-    _, meta = await call(service.stub.BatchGetPosts, request, metadata=asked)
-    assert (meta["x-cache"], meta["x-cache-tier"], meta["x-request-id"]) == ("hit", "warm", "asked-1")
-    # Asking changes nothing about how a failure is told.
+    # Asked for alone: the tier, and no request id (none sent, nothing failed).
+    _, meta = await call(service.stub.BatchGetPosts, request, metadata=CACHE_DEBUG_METADATA)
+    assert (meta["x-cache"], meta["x-cache-tier"]) == ("hit", "warm")
+    assert "x-request-id" not in meta
+    # Asked for with a request id as well, before or after it: both come back, and the id too.
+    for number, asked in enumerate(
+        [
+            (*CACHE_DEBUG_METADATA, ("x-request-id", "asked-0")),
+            (("x-request-id", "asked-1"), *CACHE_DEBUG_METADATA),
+        ]
+    ):
+        _, meta = await call(service.stub.BatchGetPosts, request, metadata=asked)
+        assert (meta["x-cache"], meta["x-cache-tier"], meta["x-request-id"]) == (
+            "hit",
+            "warm",
+            f"asked-{number}",
+        )
+    # Asking changes nothing about how a failure is told: its status, and the id made for it.
     failed = call(service.stub.GetPost, pb.GetPostRequest(post_id="nobody"), metadata=CACHE_DEBUG_METADATA)
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await failed
     assert raised.value.code() == grpc.StatusCode.NOT_FOUND
     assert "no post has id 'nobody'" in (raised.value.details() or "")
+    assert dict(raised.value.trailing_metadata() or ()).get("x-request-id"), "a made id, as any failure gets"
 
 
 async def test_user_views_match_the_rows(service: Running, db_engine: AsyncEngine) -> None:
