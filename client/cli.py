@@ -305,6 +305,9 @@ def _db_seed(args: argparse.Namespace) -> int:
     return 0
 
 
+_STOPPED_BY_SIGPIPE = 128 + 13
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `cacheaside` console script."""
     logging.basicConfig(
@@ -312,7 +315,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     args = _build_parser().parse_args(argv)
-    return int(args.run(args))
+    try:
+        code = int(args.run(args))
+        sys.stdout.flush()  # here, where a reader gone away can be caught, not at the interpreter's exit
+    except BrokenPipeError:
+        # The output's reader stopped early (`| head`): end quietly, as the shell's own tools do, with
+        # the status of a process ended by SIGPIPE. stdout goes to /dev/null so that the flush at exit
+        # does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return _STOPPED_BY_SIGPIPE
+    return code
 
 
 if __name__ == "__main__":

@@ -77,6 +77,30 @@ async def test_cli_calls_print_the_answer_and_its_cache_outcome(
     assert "(request id " in err, "a failed call names its request id, to find it in the server's log"
 
 
+async def test_output_cut_short_by_its_reader_ends_the_cli_quietly(
+    service: Running, db_engine: AsyncEngine
+) -> None:
+    # `cacheaside get-post p1 | head -1`, with the reader gone before the CLI writes: no traceback.
+    await add_user(db_engine, "alice")
+    await add_post(db_engine, "p1", "alice", title="Hello")
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *CLI,
+            "get-post",
+            "p1",
+            "--target",
+            service.target,
+            stdout=write_end,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    finally:
+        os.close(write_end)
+    _, err = await process.communicate()
+    assert (process.returncode, err.decode()) == (128 + signal.SIGPIPE, "")
+
+
 def test_db_upgrade_then_serve_demo_with_a_private_redis(tmp_path: Path) -> None:
     port = free_port()
     env = {
