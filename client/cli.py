@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -305,7 +306,7 @@ def _db_seed(args: argparse.Namespace) -> int:
     return 0
 
 
-_STOPPED_BY_SIGPIPE = 128 + 13
+_STOPPED_BY_SIGPIPE = 128 + signal.SIGPIPE  # the status a shell reports for a process SIGPIPE ended
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,9 +10,8 @@ import pytest
 
 from server.guard import GuardedService
 from server.observability import REQUEST_ID_HEADER
-
-SERVICE = "cacheaside.v1.CacheService"
-DEBUG = "x-cache-debug"
+from server.service import CACHE_DEBUG_HEADER as DEBUG
+from server.service import SERVICE_NAME as SERVICE
 
 
 @dataclass(frozen=True)
