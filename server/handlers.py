@@ -29,15 +29,23 @@ AnswerNow: TypeAlias = "Callable[[bytes, Any], bytes | None]"
 with its metadata set on the context); else None, and the handler proper serves the call."""
 
 _ANSWER_NOW = "answer_now"
+_ANSWER_FIRST = "answer_first"
 
 
-def answering_now(behavior: Callable[..., Any], answer_now: AnswerNow) -> Callable[..., Any]:
-    """behavior, marked with the answer it can give at once (the guard asks that first: guard.py)."""
+def answering_now(
+    behavior: Callable[..., Any], answer_now: AnswerNow, *, answer_first: AnswerNow | None = None
+) -> Callable[..., Any]:
+    """behavior, marked with the answer it can give at once (the guard asks that first: guard.py).
+
+    answer_first: the same answer for a call asked before anything else touched it, so with no
+    trailing metadata yet: it may set its own without reading and extending what is there.
+    """
     setattr(behavior, _ANSWER_NOW, answer_now)
+    setattr(behavior, _ANSWER_FIRST, answer_first or answer_now)
     return behavior
 
 
-def answer_now_of(behavior: Callable[..., Any]) -> AnswerNow | None:
-    """What `answering_now` marked behavior with, or None."""
-    found: AnswerNow | None = getattr(behavior, _ANSWER_NOW, None)
+def answer_now_of(behavior: Callable[..., Any], *, first: bool = False) -> AnswerNow | None:
+    """What `answering_now` marked behavior with (its answer_first, asked `first`), or None."""
+    found: AnswerNow | None = getattr(behavior, _ANSWER_FIRST if first else _ANSWER_NOW, None)
     return found

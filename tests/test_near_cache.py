@@ -151,6 +151,11 @@ async def test_the_same_read_again_is_answered_whole_until_an_invalidation_clear
     assert again_meta["x-cache"] == "hit"
     assert "x-cache-tier" not in again_meta, "the tier only when asked"
     assert "x-request-id" not in again_meta
+    # A caller's request id is set first: the held answer's metadata is added to it, not put over it.
+    with_id, with_id_meta = await call(reader.stub.GetPost, request, metadata=(("x-request-id", "held-1"),))
+    assert near.stats.answered == answered + 3
+    assert (with_id, with_id_meta["x-cache"], with_id_meta["x-request-id"]) == (first, "hit", "held-1")
+    answered += 1
     for _ in range(3):
         asked, asked_meta = await call(reader.stub.GetPost, request, metadata=CACHE_DEBUG_METADATA)
         assert (asked, asked_meta["x-cache"], asked_meta["x-cache-tier"]) == (first, "hit", "warm")
