@@ -35,13 +35,15 @@ _ANSWER_FIRST = "answer_first"
 def answering_now(
     behavior: Callable[..., Any], answer_now: AnswerNow, *, answer_first: AnswerNow | None = None
 ) -> Callable[..., Any]:
-    """behavior, marked with the answer it can give at once (the guard asks that first: guard.py).
+    """behavior, marked with the answer it can give at once: the guard asks `answer_first` before
+    anything else where it can (no token to check, no caller's id to return), and `answer_now` after
+    those steps otherwise (guard.py).
 
-    answer_first: the same answer for a call asked before anything else touched it, so with no
-    trailing metadata yet: it may set its own without reading and extending what is there.
+    answer_first: the same answer for a call nothing has touched yet, so with no trailing metadata:
+    it may set its own without reading and extending what is there. answer_now where not given.
     """
     setattr(behavior, _ANSWER_NOW, answer_now)
-    setattr(behavior, _ANSWER_FIRST, answer_first or answer_now)
+    setattr(behavior, _ANSWER_FIRST, answer_now if answer_first is None else answer_first)
     return behavior
 
 
