@@ -84,8 +84,8 @@ class Guard:
         if handler.unary_unary is not None:
             # An answer given at once needs no request id (nothing it does can log), but a caller's
             # id must come back, and a token must be checked first: then it is asked for later.
+            now = answer_now_of(handler.unary_unary)
             first = check is None and not callers_ids
-            now = answer_now_of(handler.unary_unary, first=first)
             guarded = _guarded_unary(handler.unary_unary, observer, check, self._limit, now, first=first)  # type: ignore[arg-type]
             return like(handler, guarded)
         if handler.unary_stream is not None and not inspect.isasyncgenfunction(handler.unary_stream):

@@ -29,25 +29,15 @@ AnswerNow: TypeAlias = "Callable[[bytes, Any], bytes | None]"
 with its metadata set on the context); else None, and the handler proper serves the call."""
 
 _ANSWER_NOW = "answer_now"
-_ANSWER_FIRST = "answer_first"
 
 
-def answering_now(
-    behavior: Callable[..., Any], answer_now: AnswerNow, *, answer_first: AnswerNow | None = None
-) -> Callable[..., Any]:
-    """behavior, marked with the answer it can give at once: the guard asks `answer_first` before
-    anything else where it can (no token to check, no caller's id to return), and `answer_now` after
-    those steps otherwise (guard.py).
-
-    answer_first: the same answer for a call nothing has touched yet, so with no trailing metadata:
-    it may set its own without reading and extending what is there. answer_now where not given.
-    """
+def answering_now(behavior: Callable[..., Any], answer_now: AnswerNow) -> Callable[..., Any]:
+    """behavior, marked with the answer it can give at once (the guard asks that first: guard.py)."""
     setattr(behavior, _ANSWER_NOW, answer_now)
-    setattr(behavior, _ANSWER_FIRST, answer_now if answer_first is None else answer_first)
     return behavior
 
 
-def answer_now_of(behavior: Callable[..., Any], *, first: bool = False) -> AnswerNow | None:
-    """What `answering_now` marked behavior with (its answer_first, asked `first`), or None."""
-    found: AnswerNow | None = getattr(behavior, _ANSWER_FIRST if first else _ANSWER_NOW, None)
+def answer_now_of(behavior: Callable[..., Any]) -> AnswerNow | None:
+    """What `answering_now` marked behavior with, or None."""
+    found: AnswerNow | None = getattr(behavior, _ANSWER_NOW, None)
     return found

@@ -45,7 +45,7 @@ from server.errors import (
     ServiceError,
     to_status,
 )
-from server.handlers import AnswerNow, answering_now
+from server.handlers import answering_now
 from server.validation import check_duration_s, check_id, check_ids, check_limit
 from server.warming import WarmProgress, Warms
 
@@ -208,28 +208,20 @@ class CacheService:
         if answers is None:
             return handle
 
-        def answerer(first: bool) -> AnswerNow:
-            def answer_now(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes | None:
-                held = answers.get(raw)
-                if held is None:
-                    return None
-                _, _, response, (lookups, hits, cache_metadata) = held
-                if hits is not None:
-                    hits.value += 1
-                if note is not None:
-                    note(lookups)
-                # Asked first, nothing is in the trailing metadata yet (the guard asks before any
-                # other step, and the service has no interceptors): reading it and adding to it cost
-                # 0.7-1.1k instructions of a held answer's 351k in two counts (`make bench-instructions`).
-                if first:
-                    context.set_trailing_metadata(cache_metadata)
-                else:  # after a caller's request id, which must come back too
-                    context.set_trailing_metadata(context.trailing_metadata() + cache_metadata)
-                return response
+        def answer_now(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes | None:
+            held = answers.get(raw)
+            if held is None:
+                return None
+            _, _, response, (lookups, hits, held_metadata) = held
+            if hits is not None:
+                hits.value += 1
+            if note is not None:
+                note(lookups)
+            # Tuple concatenation returns held_metadata itself when nothing is there yet (no caller's id).
+            context.set_trailing_metadata(context.trailing_metadata() + held_metadata)
+            return response
 
-            return answer_now
-
-        return answering_now(handle, answerer(first=False), answer_first=answerer(first=True))
+        return answering_now(handle, answer_now)
 
     # Plans -----------------------------------------------------------------------------------
 
